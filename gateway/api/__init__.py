@@ -1,0 +1,1 @@
+"""Protocol adapters: parse the request, lease the model, proxy to Triton. No lifecycle logic here."""

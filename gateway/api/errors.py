@@ -1,0 +1,28 @@
+"""Turning gateway errors into HTTP answers (KServe v2 shape: `{"error": "..."}`)."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
+
+
+def error_response(exc: GatewayError) -> JSONResponse:
+    headers = {"Retry-After": "5"} if exc.status in (503,) else None
+    return JSONResponse({"error": exc.message, "code": exc.code}, status_code=exc.status, headers=headers)
+
+
+async def handle_gateway_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, GatewayError)
+    return error_response(exc)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """Last line of defence: log with the stack, answer 500, keep serving."""
+    log.exception("http.unhandled", extra={"path": request.url.path})
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)

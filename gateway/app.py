@@ -1,0 +1,115 @@
+"""Wiring: build the components from Settings, start them in order, supervise Triton, stop them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from gateway.config import Settings
+from gateway.extract import ExtractLimits
+from gateway.manager import ManagerConfig, ModelManager
+from gateway.metrics import Metrics
+from gateway.proxy import TritonProxy
+from gateway.render import RenderOptions
+from gateway.staging import StagingArea
+from gateway.store import open_store
+from gateway.triton.control import TritonControl
+from gateway.triton.process import TritonProcess, TritonProcessConfig
+
+log = logging.getLogger(__name__)
+
+_WATCH_INTERVAL_S = 1.0
+
+
+class Gateway:
+    """The running gateway: store, NVMe staging, Triton (embedded or external), manager and proxy."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.store = open_store(settings.store, settings.s3_endpoint_url, settings.s3_region)
+        render = RenderOptions(
+            onnx_backend=settings.resolved_onnx_backend(),
+            instance_count=settings.instance_count,
+            onnx_threads=settings.onnx_threads,
+        )
+        limits = ExtractLimits(max_total_bytes=settings.max_artifact_bytes, max_files=settings.max_artifact_files)
+        self.staging = StagingArea(settings.cache_dir, self.store, render, limits)
+        self.triton: TritonProcess | None = None
+        if settings.embedded_triton:
+            self.triton = TritonProcess(
+                TritonProcessConfig(
+                    model_repository=self.staging.repo,
+                    work_dir=settings.cache_dir / "triton",
+                    http_port=settings.triton_http_port,
+                    grpc_port=settings.triton_grpc_port,
+                    metrics_port=settings.triton_metrics_port,
+                )
+            )
+            http_url, grpc_url = self.triton.http_url, self.triton.grpc_url
+        else:
+            http_url, grpc_url = str(settings.triton_http_url), str(settings.triton_grpc_url)
+        self.control = TritonControl(grpc_url, load_timeout_s=settings.load_timeout_s)
+        self.proxy = TritonProxy(http_url)
+        self.manager = ModelManager(
+            self.store,
+            self.staging,
+            self.control,
+            self.metrics,
+            ManagerConfig(wait_timeout_s=settings.wait_timeout_s, etag_ttl_s=settings.etag_ttl_s),
+        )
+        self._watcher: asyncio.Task[None] | None = None
+        self.ready = False
+
+    async def start(self) -> None:
+        if self.triton:
+            self.triton.start()
+            await self.triton.wait_ready(self.control.is_ready)
+        else:
+            await self._wait_external_ready()
+        await self.proxy.start()
+        await self.manager.reconcile()
+        if self.triton:
+            self._watcher = asyncio.create_task(self._watch_triton(), name="triton-watch")
+        self.ready = True
+        log.info("gateway.started", extra={"store": self.store.url, "cache_dir": str(self.settings.cache_dir)})
+
+    async def _wait_external_ready(self, timeout_s: float = 60.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not await self.control.is_ready():
+            if loop.time() > deadline:
+                raise TimeoutError(f"Triton at {self.control.grpc_url} not ready after {timeout_s}s")
+            await asyncio.sleep(0.5)
+
+    async def _watch_triton(self) -> None:
+        """Restart the embedded Triton if it dies, then reconcile: every model it had is gone."""
+        assert self.triton is not None
+        while True:
+            await asyncio.sleep(_WATCH_INTERVAL_S)
+            if self.triton.running():
+                continue
+            self.ready = False
+            log.error("triton.exited", extra={"code": self.triton.exit_code(), "log_tail": self.triton.log_tail(10)})
+            self.metrics.triton_restarts.inc()
+            try:
+                self.triton.start()
+                await self.triton.wait_ready(self.control.is_ready)
+                await self.manager.reconcile()
+                self.ready = True
+            except Exception:
+                log.exception("triton.restart_failed")
+                await asyncio.sleep(5)
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._watcher:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        await self.proxy.close()
+        await self.control.close()
+        if self.triton:
+            await asyncio.to_thread(self.triton.stop)
+        log.info("gateway.stopped")

@@ -1,0 +1,70 @@
+"""`mme-gateway`: serve, and build demo artifacts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from gateway import logs
+from gateway.config import add_serve_arguments, settings_from_args
+
+log = logging.getLogger("gateway.cli")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.api.http import build_app
+    from gateway.app import Gateway
+
+    settings = settings_from_args(args)
+    logs.configure(settings.log_level)
+    app = build_app(Gateway(settings))
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+        log_config=None, lifespan="on", access_log=False, timeout_graceful_shutdown=30,
+    )
+    server = uvicorn.Server(config)
+    log.info("gateway.listening", extra={"host": settings.host, "port": settings.port})
+    server.run()
+    return 0 if server.started else 1
+
+
+def _demo_store(args: argparse.Namespace) -> int:
+    from gateway.demo import DEMO_CITIES, build_store
+
+    cities = tuple(args.cities) if args.cities else DEMO_CITIES
+    for path in build_store(Path(args.dir), cities):
+        print(path)
+    return 0
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    from gateway.demo import write_artifact
+
+    print(write_artifact(args.city, Path(args.out)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mme-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway (starts an embedded Triton unless --triton-*-url)")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_serve)
+    store = sub.add_parser("demo-store", help="write the per-city house-price demo models into a directory")
+    store.add_argument("dir")
+    store.add_argument("--cities", nargs="*", help="city names such as Chicago_IL (default: the demo set)")
+    store.set_defaults(func=_demo_store)
+    model = sub.add_parser("demo-model", help="write one city's demo model artifact (e.g. NewYork_NY)")
+    model.add_argument("city")
+    model.add_argument("out", help="destination .tar.gz")
+    model.set_defaults(func=_demo_model)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Errors the gateway raises, each with the HTTP status a client expects.
+
+Adapters translate these into their protocol's shape; the status lives here so every protocol agrees on
+what went wrong (404: no such model in the store, 422: the artifact is not a usable model, ...).
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base class: `status` is the HTTP status, `code` a stable machine-readable reason."""
+
+    status: int = 500
+    code: str = "InternalError"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidModelKey(GatewayError):
+    """The TargetModel is not a safe relative key under the store prefix."""
+
+    status = 400
+    code = "InvalidModelKey"
+
+
+class ModelNotFound(GatewayError):
+    """No artifact with that key exists in the store."""
+
+    status = 404
+    code = "ModelNotFound"
+
+
+class InvalidArtifact(GatewayError):
+    """The artifact exists but is not a safe, usable model (bad gzip, path escape, nothing to serve)."""
+
+    status = 422
+    code = "InvalidArtifact"
+
+
+class ModelLoadFailed(GatewayError):
+    """Triton refused to load the model (bad config, model code raised, ...)."""
+
+    status = 422
+    code = "ModelLoadFailed"
+
+
+class ModelNotReady(GatewayError):
+    """The model is still being staged or loaded past the caller's wait bound; retrying later succeeds."""
+
+    status = 503
+    code = "ModelNotReady"
+
+
+class InsufficientMemory(GatewayError):
+    """The model cannot fit in the memory budget even after evicting idle models."""
+
+    status = 507
+    code = "InsufficientMemory"
+
+
+class StoreUnavailable(GatewayError):
+    """The artifact store could not be reached or refused access."""
+
+    status = 502
+    code = "StoreUnavailable"
+
+
+class TritonUnavailable(GatewayError):
+    """Triton is not answering (starting, restarting or gone)."""
+
+    status = 503
+    code = "TritonUnavailable"

@@ -1,0 +1,64 @@
+"""The one metric registry, in Prometheus form.
+
+SageMaker's multi-model metrics keep their SageMaker name in the help text so users can map dashboards:
+ModelCacheHit, ModelLoadingWaitTime, ModelDownloadingTime, ModelLoadingTime, ModelUnloadingTime,
+LoadedModelCount.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """All gateway metrics on a private registry (one per gateway, so tests can run several)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.cache_requests = Counter(
+            "mme_model_cache_requests", "ModelCacheHit: invocations whose model was already loaded (result=hit) "
+            "or not (result=miss); hit / (hit + miss) is SageMaker's ModelCacheHit average", ["result"], registry=r,
+        )
+        self.loading_wait = Histogram(
+            "mme_model_loading_wait_seconds", "ModelLoadingWaitTime: how long an invocation waited for its model "
+            "to be downloaded and loaded", buckets=_LOAD_BUCKETS, registry=r,
+        )
+        self.downloading = Histogram(
+            "mme_model_downloading_seconds", "ModelDownloadingTime: time to download an artifact from the store",
+            buckets=_LOAD_BUCKETS, registry=r,
+        )
+        self.loading = Histogram(
+            "mme_model_loading_seconds", "ModelLoadingTime: time for Triton to load a model",
+            buckets=_LOAD_BUCKETS, registry=r,
+        )
+        self.unloading = Histogram(
+            "mme_model_unloading_seconds", "ModelUnloadingTime: time for Triton to unload a model",
+            buckets=_LOAD_BUCKETS, registry=r,
+        )
+        self.loaded_models = Gauge("mme_loaded_models", "LoadedModelCount: models loaded in Triton now", registry=r)
+        self.downloads = Counter("mme_model_downloads", "artifacts downloaded from the store", registry=r)
+        self.download_bytes = Counter("mme_model_download_bytes", "bytes downloaded from the store", registry=r)
+        self.loads = Counter("mme_model_loads", "model loads requested from Triton, by result", ["result"], registry=r)
+        self.load_failures = Counter(
+            "mme_model_load_failures", "models that could not be served, by reason", ["reason"], registry=r
+        )
+        self.disk_hits = Counter(
+            "mme_disk_tier_hits", "loads served from the NVMe tier without a download", registry=r
+        )
+        self.evictions = Counter(
+            "mme_model_evictions", "models evicted, by tier (memory|disk) and reason", ["tier", "reason"], registry=r
+        )
+        self.memory_used = Gauge("mme_memory_used_bytes", "model memory in use (measured or estimated)", registry=r)
+        self.memory_budget = Gauge("mme_memory_budget_bytes", "memory budget for loaded models", registry=r)
+        self.disk_used = Gauge("mme_disk_used_bytes", "bytes of staged model directories on the NVMe tier", registry=r)
+        self.disk_budget = Gauge("mme_disk_budget_bytes", "byte budget of the NVMe tier", registry=r)
+        self.in_flight = Gauge("mme_requests_in_flight", "inference requests being served now", registry=r)
+        self.requests = Counter(
+            "mme_requests", "inference requests by protocol and status code", ["protocol", "status"], registry=r
+        )
+        self.triton_restarts = Counter("mme_triton_restarts", "times the embedded Triton was restarted", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,75 @@
+"""TargetModel keys and the Triton model names they map to.
+
+A TargetModel is a key relative to the store prefix, such as `cities/Houston_TX.tar.gz`. Triton model names
+may not contain `/` and double as directory names in the model repository, so each key maps to a readable,
+unique name: a slug of the key plus a short hash of the store and key (two keys whose slugs collide still
+get distinct names, and two stores never share a name in one Triton).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from gateway.errors import InvalidModelKey
+
+MAX_KEY_LENGTH = 1024
+_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+_SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_SLUG_MAX = 48
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """A validated TargetModel and its Triton name."""
+
+    key: str
+    triton_name: str
+
+    def __str__(self) -> str:
+        return self.key
+
+
+def validate_key(key: str) -> str:
+    """Return `key` if it is a safe relative key under the store prefix, else raise InvalidModelKey.
+
+    Refused: empty keys, absolute paths, `.`/`..` segments, empty segments, backslashes and control
+    characters. These are the ways a key could name something outside the prefix on a local store or an
+    S3 prefix, or produce an unusable file name.
+    """
+    if not key or not key.strip():
+        raise InvalidModelKey("TargetModel is empty")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidModelKey(f"TargetModel is longer than {MAX_KEY_LENGTH} characters")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+        raise InvalidModelKey(f"TargetModel {key!r} contains control characters")
+    if "\\" in key:
+        raise InvalidModelKey(f"TargetModel {key!r} contains a backslash")
+    if key.startswith("/"):
+        raise InvalidModelKey(f"TargetModel {key!r} is absolute; it must be relative to the store prefix")
+    for segment in key.split("/"):
+        if segment in ("", ".", ".."):
+            raise InvalidModelKey(f"TargetModel {key!r} escapes or is not a plain path under the store prefix")
+    return key
+
+
+def _slug(key: str) -> str:
+    base = key
+    for suffix in _ARCHIVE_SUFFIXES:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    slug = _SLUG_UNSAFE.sub("-", base.replace("/", "--")).strip("-.") or "model"
+    return slug[:_SLUG_MAX]
+
+
+def triton_name_for(key: str, namespace: str = "") -> str:
+    """The Triton model name for `key`: `<slug>-<8 hex>`; the hash covers the namespace (store URL) too."""
+    digest = hashlib.sha256(f"{namespace}\0{key}".encode()).hexdigest()[:8]
+    return f"{_slug(key)}-{digest}"
+
+
+def model_key(key: str, namespace: str = "") -> ModelKey:
+    """Validate `key` and pair it with its Triton name."""
+    return ModelKey(key=validate_key(key), triton_name=triton_name_for(key, namespace))

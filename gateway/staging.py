@@ -1,0 +1,163 @@
+"""The NVMe tier: artifacts downloaded from the store and rendered as Triton model directories.
+
+Layout under the cache directory:
+- `repo/<triton name>/`     the rendered model directory; Triton's `--model-repository` points at `repo/`;
+- `meta/<triton name>.json` which key and ETag the directory was built from, and its size on disk;
+- `tmp/`                    downloads and extractions in progress (wiped at start).
+
+A directory moves into `repo/` only when complete (rename on the same file system), so Triton never sees a
+half-written model and a crash leaves at worst a stale `tmp/` entry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gateway.extract import ExtractLimits, safe_extract
+from gateway.naming import ModelKey
+from gateway.render import RenderOptions, RenderedModel, render_model_dir
+from gateway.store.base import ArtifactStore, ObjectInfo
+
+log = logging.getLogger(__name__)
+
+_PROGRESS_EVERY_S = 1.0
+
+
+@dataclass(frozen=True)
+class StagedArtifact:
+    """A model directory on local disk, and where it came from."""
+
+    key: str
+    triton_name: str
+    etag: str
+    artifact_bytes: int
+    disk_bytes: int
+    framework: str
+    backend: str
+    instance_count: int
+    staged_at: float
+    download_s: float
+
+
+class _Progress:
+    """Logs download progress at most once a second (boto3 calls back from several threads)."""
+
+    def __init__(self, key: str, total: int) -> None:
+        self.key, self.total, self.done = key, total, 0
+        self.start = self._last = time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self._last >= _PROGRESS_EVERY_S:
+            self._last = now
+            pct = 100.0 * self.done / self.total if self.total else 100.0
+            log.info(
+                "model.download.progress",
+                extra={"model": self.key, "bytes": self.done, "total_bytes": self.total, "percent": round(pct, 1)},
+            )
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+class StagingArea:
+    """Downloads, extracts and renders artifacts under `root`; remembers what is staged across restarts."""
+
+    def __init__(self, root: Path, store: ArtifactStore, render: RenderOptions, limits: ExtractLimits) -> None:
+        self.root = root
+        self.repo = root / "repo"
+        self.meta = root / "meta"
+        self.tmp = root / "tmp"
+        self.store = store
+        self.render = render
+        self.limits = limits
+        for path in (self.repo, self.meta, self.tmp):
+            path.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+
+    def model_dir(self, triton_name: str) -> Path:
+        return self.repo / triton_name
+
+    def _meta_path(self, triton_name: str) -> Path:
+        return self.meta / f"{triton_name}.json"
+
+    def staged(self, triton_name: str) -> StagedArtifact | None:
+        """What is on disk for this model, or None (also when the metadata or directory is damaged)."""
+        try:
+            data = json.loads(self._meta_path(triton_name).read_text())
+            artifact = StagedArtifact(**data)
+        except (OSError, ValueError, TypeError):
+            return None
+        return artifact if self.model_dir(triton_name).is_dir() else None
+
+    def all_staged(self) -> list[StagedArtifact]:
+        found = []
+        for meta in self.meta.glob("*.json"):
+            artifact = self.staged(meta.stem)
+            if artifact:
+                found.append(artifact)
+        return found
+
+    def stage(self, model: ModelKey, info: ObjectInfo) -> StagedArtifact:
+        """Download `model` (the version `info` describes), extract safely, render; blocking, run in a thread."""
+        work = Path(tempfile.mkdtemp(prefix=f"{model.triton_name}-", dir=self.tmp))
+        try:
+            archive = work / "artifact"
+            progress = _Progress(model.key, info.size)
+            started = time.monotonic()
+            fetched = self.store.fetch(model.key, archive, progress)
+            download_s = time.monotonic() - started
+            log.info(
+                "model.downloaded",
+                extra={"model": model.key, "bytes": fetched.size, "etag": fetched.etag, "download_s": round(download_s, 4)},
+            )
+            extracted = work / "x"
+            safe_extract(archive, extracted, model.key, self.limits)
+            archive.unlink()
+            root, rendered = render_model_dir(extracted, model.triton_name, model.key, self.render)
+            return self._install(model, fetched, root, rendered, download_s)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _install(
+        self, model: ModelKey, info: ObjectInfo, root: Path, rendered: RenderedModel, download_s: float
+    ) -> StagedArtifact:
+        target = self.model_dir(model.triton_name)
+        self.remove(model.triton_name)
+        os.replace(root, target)
+        artifact = StagedArtifact(
+            key=model.key,
+            triton_name=model.triton_name,
+            etag=info.etag,
+            artifact_bytes=info.size,
+            disk_bytes=_dir_bytes(target),
+            framework=rendered.framework,
+            backend=rendered.backend,
+            instance_count=rendered.instance_count,
+            staged_at=time.time(),
+            download_s=download_s,
+        )
+        meta = self._meta_path(model.triton_name)
+        tmp = meta.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(artifact)))
+        os.replace(tmp, meta)
+        return artifact
+
+    def remove(self, triton_name: str) -> None:
+        """Delete a staged model from disk (the caller makes sure Triton no longer has it loaded)."""
+        self._meta_path(triton_name).unlink(missing_ok=True)
+        target = self.model_dir(triton_name)
+        if target.exists():
+            trash = Path(tempfile.mkdtemp(prefix="trash-", dir=self.tmp))
+            os.replace(target, trash / "m")
+            shutil.rmtree(trash, ignore_errors=True)

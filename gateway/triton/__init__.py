@@ -1,0 +1,1 @@
+"""Talking to Triton: the control client (gRPC) and the embedded server's supervisor."""
