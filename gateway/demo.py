@@ -89,4 +89,6 @@ def write_artifact(city: str, dest: Path) -> Path:
 
 
 def build_store(root: Path, cities: tuple[str, ...] = DEMO_CITIES) -> list[Path]:
-    return [write_artifact(city, root / f"{city}.tar.gz") for city in cities]
+    """Write the cities' artifacts that are not in `root` yet (existing ones keep their ETag)."""
+    root.mkdir(parents=True, exist_ok=True)
+    return [write_artifact(city, path) for city in cities if not (path := root / f"{city}.tar.gz").exists()]

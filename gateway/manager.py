@@ -132,18 +132,18 @@ class ModelManager:
         started = loop.time()
         deadline = started + wait_timeout_s
         rec = self._record(model)
-        waited = False
+        hit = rec.state is State.READY  # SageMaker's ModelCacheHit: loaded when the invocation arrived
+        confirmed = False  # a pipeline this caller awaited has just checked the store
         while True:
-            if rec.state is State.READY and not self._stale(rec):
+            if rec.state is State.READY and (confirmed or not self._stale(rec)):
                 rec.leases += 1  # no await between the check and the increment: eviction cannot slip in
-                self.metrics.cache_requests.labels(result="miss" if waited else "hit").inc()
-                if waited:
+                self.metrics.cache_requests.labels(result="hit" if hit else "miss").inc()
+                if hit:
+                    rec.hits += 1
+                else:
                     rec.misses += 1
                     self.metrics.loading_wait.observe(loop.time() - started)
-                else:
-                    rec.hits += 1
                 return rec
-            waited = True
             task = rec.pipeline
             if task is None or task.done():
                 task = rec.pipeline = asyncio.create_task(self._pipeline(rec), name=f"pipeline:{model.triton_name}")
@@ -157,6 +157,7 @@ class ModelManager:
                     f"model {model.key!r} is not ready after {wait_timeout_s:.0f}s (state {rec.state.value}); "
                     "it keeps loading in the background, retry shortly"
                 ) from None
+            confirmed = True
 
     def _stale(self, rec: ModelRecord) -> bool:
         return time.monotonic() - rec.checked_at > self.config.etag_ttl_s

@@ -47,24 +47,24 @@ class Signature:
     outputs: tuple[TensorSpec, ...]
 
 
-def _spec(value: onnx.ValueInfoProto, path: Path) -> TensorSpec:
+def _spec(value: onnx.ValueInfoProto, path: Path, key: str) -> TensorSpec:
     tensor_type = value.type.tensor_type
     data_type = _ONNX_TO_TRITON.get(tensor_type.elem_type)
     if data_type is None:
-        raise InvalidArtifact(f"{path.name}: tensor {value.name!r} has an element type Triton cannot serve")
+        raise InvalidArtifact(f"artifact {key!r}: tensor {value.name!r} of {path.name} has a type Triton cannot serve")
     dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tensor_type.shape.dim)
     return TensorSpec(name=value.name, data_type=data_type, dims=dims or (1,))
 
 
-def read_signature(path: Path) -> Signature:
+def read_signature(path: Path, key: str) -> Signature:
     """The graph's inputs (initializers excluded) and outputs; InvalidArtifact if it is not ONNX."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others; all mean "not a model"
-        raise InvalidArtifact(f"{path.name} is not a readable ONNX model: {exc}") from None
+        raise InvalidArtifact(f"artifact {key!r}: {path.name} is not a readable ONNX model: {exc}") from None
     initializers = {init.name for init in model.graph.initializer}
-    inputs = tuple(_spec(v, path) for v in model.graph.input if v.name not in initializers)
-    outputs = tuple(_spec(v, path) for v in model.graph.output)
+    inputs = tuple(_spec(v, path, key) for v in model.graph.input if v.name not in initializers)
+    outputs = tuple(_spec(v, path, key) for v in model.graph.output)
     if not inputs or not outputs:
-        raise InvalidArtifact(f"{path.name} declares no inputs or no outputs")
+        raise InvalidArtifact(f"artifact {key!r}: {path.name} declares no inputs or no outputs")
     return Signature(inputs=inputs, outputs=outputs)

@@ -152,7 +152,7 @@ def render_model_dir(extracted: Path, name: str, key: str, options: RenderOption
         if _is_onnx_config(config):
             if not onnx_file or not (version / onnx_file).is_file():
                 raise InvalidArtifact(f"artifact {key!r}: its config names an ONNX model but {version.name}/ has none")
-            _fill_io(config, read_signature(version / onnx_file))
+            _fill_io(config, read_signature(version / onnx_file, key))
             if options.onnx_backend is OnnxBackend.PYTHON:
                 _to_python_runner(config, version, onnx_file, options)
             framework = "onnx"
@@ -162,7 +162,7 @@ def render_model_dir(extracted: Path, name: str, key: str, options: RenderOption
         config = _from_template("python", options, name=name, model_file="model.py")
         framework = "python"
     elif onnx_file:
-        signature = read_signature(version / onnx_file)
+        signature = read_signature(version / onnx_file, key)
         if options.onnx_backend is OnnxBackend.PYTHON:
             config = _from_template("onnx_python", options, name=name, model_file=onnx_file)
             shutil.copyfile(RUNNER_SOURCE, version / "model.py")

@@ -115,17 +115,17 @@ class StagingArea:
             archive = work / "artifact"
             progress = _Progress(model.key, info.size)
             started = time.monotonic()
-            fetched = self.store.fetch(model.key, archive, progress)
+            self.store.fetch(info, archive, progress)
             download_s = time.monotonic() - started
             log.info(
                 "model.downloaded",
-                extra={"model": model.key, "bytes": fetched.size, "etag": fetched.etag, "download_s": round(download_s, 4)},
+                extra={"model": model.key, "bytes": info.size, "etag": info.etag, "download_s": round(download_s, 4)},
             )
             extracted = work / "x"
             safe_extract(archive, extracted, model.key, self.limits)
             archive.unlink()
             root, rendered = render_model_dir(extracted, model.triton_name, model.key, self.render)
-            return self._install(model, fetched, root, rendered, download_s)
+            return self._install(model, info, root, rendered, download_s)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -33,8 +33,8 @@ class ArtifactStore(Protocol):
         """Metadata of `key`; raises ModelNotFound if absent, StoreUnavailable if the store fails."""
         ...
 
-    def fetch(self, key: str, dest: Path, progress: ProgressCallback | None = None) -> ObjectInfo:
-        """Download `key` to the file `dest`; returns the metadata of what was downloaded."""
+    def fetch(self, info: ObjectInfo, dest: Path, progress: ProgressCallback | None = None) -> None:
+        """Download the object `info` describes (from a `head` just before) to the file `dest`."""
         ...
 
     def list_keys(self, limit: int = 1000) -> list[ObjectInfo]:

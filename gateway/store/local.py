@@ -40,15 +40,13 @@ class LocalStore:
     def head(self, key: str) -> ObjectInfo:
         return self._info(key, self._path(key))
 
-    def fetch(self, key: str, dest: Path, progress: ProgressCallback | None = None) -> ObjectInfo:
-        path = self._path(key)
-        info = self._info(key, path)
+    def fetch(self, info: ObjectInfo, dest: Path, progress: ProgressCallback | None = None) -> None:
+        path = self._path(info.key)
         with path.open("rb") as src, dest.open("wb") as out:
             while chunk := src.read(_CHUNK):
                 out.write(chunk)
                 if progress:
                     progress(len(chunk))
-        return info
 
     def list_keys(self, limit: int = 1000) -> list[ObjectInfo]:
         infos: list[ObjectInfo] = []

@@ -75,19 +75,17 @@ class S3Store:
             raise  # unreachable; keeps type checkers honest
         return ObjectInfo(key=key, etag=str(resp["ETag"]).strip('"'), size=int(resp["ContentLength"]))
 
-    def fetch(self, key: str, dest: Path, progress: ProgressCallback | None = None) -> ObjectInfo:
-        info = self.head(key)
+    def fetch(self, info: ObjectInfo, dest: Path, progress: ProgressCallback | None = None) -> None:
         try:
             self._s3.download_file(
                 self.bucket,
-                self._object_key(key),
+                self._object_key(info.key),
                 str(dest),
                 Callback=progress,
                 Config=self._transfer,
             )
         except (ClientError, BotoCoreError) as exc:
-            self._raise(key, exc)
-        return info
+            self._raise(info.key, exc)
 
     def list_keys(self, limit: int = 1000) -> list[ObjectInfo]:
         infos: list[ObjectInfo] = []

@@ -1,0 +1,32 @@
+# The two set-up commands are `make run` (the gateway with demo models) and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PORT ?= 8080
+DEMO ?= .demo
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test unit perf-analyzer demo-store bench clean
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh scripts/install-perf-analyzer.sh
+	scripts/bootstrap.sh "$(PYTHON)" "$(VENV)"
+	touch $@
+
+install: $(STAMP)
+
+perf-analyzer: $(STAMP)
+	scripts/install-perf-analyzer.sh "$(VENV)"
+
+demo-store: $(STAMP)
+	$(VENV)/bin/mme-gateway demo-store $(DEMO)/store
+
+run: demo-store
+	$(VENV)/bin/mme-gateway serve --store $(DEMO)/store --cache-dir $(DEMO)/cache --port $(PORT)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+unit: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests/unit
+
+clean:
+	rm -rf $(DEMO) .mme-cache .pytest_cache
