@@ -46,6 +46,13 @@ class ModelLoadFailed(GatewayError):
     code = "ModelLoadFailed"
 
 
+class ModelAlreadyExists(GatewayError):
+    """A model registered under that name exists already (SageMaker container API: 409)."""
+
+    status = 409
+    code = "ModelAlreadyExists"
+
+
 class ModelNotReady(GatewayError):
     """The model is still being staged or loaded past the caller's wait bound; retrying later succeeds."""
 

@@ -23,11 +23,21 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import AsyncIterator
 
-from gateway.errors import GatewayError, InvalidArtifact, ModelLoadFailed, ModelNotFound, ModelNotReady
+from pathlib import Path
+
+from gateway.errors import (
+    GatewayError,
+    InvalidArtifact,
+    ModelAlreadyExists,
+    ModelLoadFailed,
+    ModelNotFound,
+    ModelNotReady,
+)
 from gateway.metrics import Metrics
 from gateway.naming import ModelKey, model_key
 from gateway.staging import StagedArtifact, StagingArea
 from gateway.store.base import ArtifactStore, ObjectInfo
+from gateway.store.path import PathSource
 from gateway.triton.control import TritonControl
 
 log = logging.getLogger(__name__)
@@ -59,6 +69,7 @@ class ModelRecord:
     download_s: float | None = None
     load_s: float | None = None
     error: GatewayError | None = None
+    source: ArtifactStore | None = None  # set for models registered by path (container API); else the store
     pipeline: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
@@ -89,6 +100,7 @@ class ModelManager:
         self.metrics = metrics
         self.config = config
         self._records: dict[str, ModelRecord] = {}
+        self._registered: dict[str, str] = {}  # container-API model name -> Triton name
 
     # -- queries ---------------------------------------------------------------------------------------
 
@@ -96,7 +108,17 @@ class ModelManager:
         return list(self._records.values())
 
     def record(self, key: str) -> ModelRecord | None:
-        return self._records.get(model_key(key, self.store.url).triton_name)
+        return self._records.get(self._resolve(key).triton_name)
+
+    def _resolve(self, key: str) -> ModelKey:
+        """A registered name wins over a store key of the same spelling."""
+        name = self._registered.get(key)
+        if name is not None and name in self._records:
+            return self._records[name].model
+        return model_key(key, self.store.url)
+
+    def _source(self, rec: ModelRecord) -> ArtifactStore:
+        return rec.source or self.store
 
     def _record(self, model: ModelKey) -> ModelRecord:
         rec = self._records.get(model.triton_name)
@@ -112,7 +134,7 @@ class ModelManager:
     @contextlib.asynccontextmanager
     async def lease(self, key: str, wait_timeout_s: float | None = None) -> AsyncIterator[ModelRecord]:
         """Make `key` ready (staging and loading it if needed) and hold it loaded while the block runs."""
-        model = model_key(key, self.store.url)
+        model = self._resolve(key)
         rec = await self._acquire(model, self.config.wait_timeout_s if wait_timeout_s is None else wait_timeout_s)
         self.metrics.in_flight.inc()
         try:
@@ -180,7 +202,7 @@ class ModelManager:
             self._set_loaded_gauge()
 
     async def _run_pipeline(self, rec: ModelRecord) -> None:
-        info: ObjectInfo = await asyncio.to_thread(self.store.head, rec.model.key)
+        info: ObjectInfo = await asyncio.to_thread(self._source(rec).head, rec.model.key)
         if rec.state is State.FAILED and rec.etag == info.etag and rec.error is not None:
             raise rec.error  # same bytes as the last failure: refuse at once instead of downloading again
         if rec.state is State.READY and rec.etag == info.etag:
@@ -196,7 +218,7 @@ class ModelManager:
     async def _stage(self, rec: ModelRecord, info: ObjectInfo) -> StagedArtifact:
         rec.state, rec.etag, rec.error = State.STAGING, info.etag, None
         log.info("model.staging", extra={"model": rec.model.key, "etag": info.etag, "bytes": info.size})
-        staged = await asyncio.to_thread(self.staging.stage, rec.model, info)
+        staged = await asyncio.to_thread(self.staging.stage, rec.model, info, self._source(rec))
         rec.state, rec.artifact_bytes, rec.download_s = State.STAGED, staged.artifact_bytes, staged.download_s
         self.metrics.downloads.inc()
         self.metrics.download_bytes.inc(staged.artifact_bytes)
@@ -230,6 +252,41 @@ class ModelManager:
                 "backend": staged.backend,
             },
         )
+
+    # -- models registered by path (the SageMaker multi-model container API) ------------------------------
+
+    async def register(self, name: str, path: Path, wait_timeout_s: float | None = None) -> ModelRecord:
+        """Load the model at `path` under `name`; ModelAlreadyExists (409) if that name is registered."""
+        if name in self._registered:
+            raise ModelAlreadyExists(f"model {name!r} is already loaded")
+        model = model_key(name, namespace=f"registered:{path}")
+        rec = self._record(model)
+        rec.source = PathSource(path)
+        self._registered[name] = model.triton_name
+        try:
+            return await self.ensure_ready(name, wait_timeout_s)
+        except ModelNotReady:
+            raise  # keeps loading in the background; the registration stands
+        except BaseException:
+            self._registered.pop(name, None)
+            self._records.pop(model.triton_name, None)
+            raise
+
+    def registered(self) -> dict[str, ModelRecord]:
+        return {name: self._records[t] for name, t in self._registered.items() if t in self._records}
+
+    async def deregister(self, name: str) -> None:
+        """Unload and forget a registered model; ModelNotFound (404) if there is none by that name."""
+        triton_name = self._registered.get(name)
+        rec = self._records.get(triton_name or "")
+        if rec is None:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        while rec.leases > 0 or (rec.pipeline and not rec.pipeline.done()):
+            await asyncio.sleep(0.01)  # let in-flight requests finish: never cut a request off
+        self._registered.pop(name, None)
+        await self.unload(rec, reason="deleted")
+        self.staging.remove(rec.name)
+        self._records.pop(rec.name, None)
 
     # -- unloading and reconciliation ----------------------------------------------------------------------
 

@@ -108,14 +108,14 @@ class StagingArea:
                 found.append(artifact)
         return found
 
-    def stage(self, model: ModelKey, info: ObjectInfo) -> StagedArtifact:
+    def stage(self, model: ModelKey, info: ObjectInfo, source: ArtifactStore | None = None) -> StagedArtifact:
         """Download `model` (the version `info` describes), extract safely, render; blocking, run in a thread."""
         work = Path(tempfile.mkdtemp(prefix=f"{model.triton_name}-", dir=self.tmp))
         try:
             archive = work / "artifact"
             progress = _Progress(model.key, info.size)
             started = time.monotonic()
-            self.store.fetch(info, archive, progress)
+            (source or self.store).fetch(info, archive, progress)
             download_s = time.monotonic() - started
             log.info(
                 "model.downloaded",
