@@ -1,0 +1,27 @@
+"""How a model is described to clients (model listings in every protocol)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from gateway.manager import ModelRecord
+
+
+def describe(rec: ModelRecord, now: float | None = None) -> dict[str, Any]:
+    """A JSON-ready summary of one model: identity, state, usage and timings."""
+    now = time.monotonic() if now is None else now
+    return {
+        "modelName": rec.model.key,
+        "tritonName": rec.name,
+        "state": rec.state.value,
+        "etag": rec.etag,
+        "artifactBytes": rec.artifact_bytes,
+        "leases": rec.leases,
+        "hits": rec.hits,
+        "misses": rec.misses,
+        "idleSeconds": round(now - rec.last_used, 3) if rec.last_used else None,
+        "downloadSeconds": rec.download_s,
+        "loadSeconds": rec.load_s,
+        "error": rec.error.message if rec.error else None,
+    }
