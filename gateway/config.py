@@ -20,6 +20,7 @@ class Settings:
     cache_dir: Path
     host: str = "127.0.0.1"
     port: int = 8080
+    grpc_port: int = 8081  # KServe v2 gRPC edge; 0 turns it off
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
     triton_http_url: str | None = None  # set both to use an existing Triton instead of the embedded one
@@ -60,6 +61,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     opt("cache-dir", "./.mme-cache", "local NVMe directory for staged models and the Triton repository", type=Path)
     opt("host", "127.0.0.1", "address to listen on")
     opt("port", 8080, "HTTP port", type=int)
+    opt("grpc-port", 8081, "KServe v2 gRPC port (0: no gRPC edge)", type=int)
     opt("s3-endpoint-url", None, "S3 endpoint for MinIO and other S3-compatible stores")
     opt("s3-region", None, "S3 region (default: boto3's chain)")
     opt("triton-http-url", None, "use an existing Triton: its HTTP address (host:port); needs --triton-grpc-url")
@@ -90,6 +92,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         cache_dir=Path(args.cache_dir).resolve(),
         host=args.host,
         port=int(args.port),
+        grpc_port=int(args.grpc_port),
         s3_endpoint_url=args.s3_endpoint_url,
         s3_region=args.s3_region,
         triton_http_url=args.triton_http_url,

@@ -60,12 +60,14 @@ class GatewayProcess:
 
     def __init__(self, args: list[str], workdir: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
+        self.grpc_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.log_path = workdir / "gateway.log"
         self.cache_dir = workdir / "cache"
         workdir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "gateway", "serve", "--port", str(self.port), "--cache-dir", str(self.cache_dir),
-               *args]
+        cmd = [sys.executable, "-m", "gateway", "serve", "--port", str(self.port), "--grpc-port", str(self.grpc_port),
+               "--cache-dir", str(self.cache_dir), *args]
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                      env={**os.environ, **(env or {})})
