@@ -9,9 +9,12 @@ import logging
 from gateway.config import Settings
 from gateway.extract import ExtractLimits
 from gateway.manager import ManagerConfig, ModelManager
+from gateway.memory import FootprintLedger, detect_probe, find_stub_pids
 from gateway.metrics import Metrics
+from gateway.policy import make_policy
 from gateway.proxy import TritonProxy
 from gateway.render import RenderOptions
+from gateway.resources import resolve
 from gateway.staging import StagingArea
 from gateway.store import open_store
 from gateway.triton.control import TritonControl
@@ -35,7 +38,9 @@ class Gateway:
             onnx_threads=settings.onnx_threads,
         )
         limits = ExtractLimits(max_total_bytes=settings.max_artifact_bytes, max_files=settings.max_artifact_files)
-        self.staging = StagingArea(settings.cache_dir, self.store, render, limits)
+        self.probe = detect_probe(settings.memory_probe)
+        self.resources = resolve(settings, self.probe, settings.cache_dir)
+        self.staging = StagingArea(settings.cache_dir, self.store, render, limits, self.resources.disk_budget_bytes)
         self.triton: TritonProcess | None = None
         if settings.embedded_triton:
             self.triton = TritonProcess(
@@ -57,10 +62,28 @@ class Gateway:
             self.staging,
             self.control,
             self.metrics,
-            ManagerConfig(wait_timeout_s=settings.wait_timeout_s, etag_ttl_s=settings.etag_ttl_s),
+            policy=make_policy(settings.eviction_policy),
+            probe=self.probe,
+            ledger=FootprintLedger(settings.cache_dir / "footprints.json"),
+            config=ManagerConfig(
+                wait_timeout_s=settings.wait_timeout_s,
+                etag_ttl_s=settings.etag_ttl_s,
+                memory_budget_bytes=self.resources.memory_budget_bytes,
+                size_factor=settings.size_factor,
+                instance_overhead_bytes=settings.instance_overhead_bytes,
+                model_cache_enabled=settings.model_cache == "enabled",
+                max_concurrency=self.resources.max_concurrency,
+                queue_timeout_s=settings.queue_timeout_s,
+            ),
+            stub_pids=self._stub_pids if self.triton else None,
         )
         self._watcher: asyncio.Task[None] | None = None
         self.ready = False
+
+    def _stub_pids(self, triton_name: str) -> list[int]:
+        """The embedded Triton's Python-backend stub processes serving `triton_name`."""
+        pid = self.triton.pid if self.triton else None
+        return find_stub_pids(pid, f"{self.staging.model_dir(triton_name)}/") if pid else []
 
     async def start(self) -> None:
         if self.triton:

@@ -36,6 +36,17 @@ class Settings:
     load_timeout_s: float = 300.0
     max_artifact_bytes: int = 8 << 30
     max_artifact_files: int = 10_000
+    instance_type: str | None = None  # a profile name (ml.g5.xlarge, ...), "auto", or None (the machine)
+    memory_budget_bytes: int | None = None  # overrides the profile's / machine's memory
+    memory_slack: float = 0.1  # share of memory kept free for unloads in flight
+    memory_probe: str = "auto"  # auto | nvml | host
+    disk_budget_bytes: int | None = None  # overrides the profile's NVMe / the cache disk's free space
+    eviction_policy: str = "lru"
+    model_cache: str = "enabled"  # SageMaker's ModelCacheSetting: enabled | disabled
+    max_concurrency: int | None = None  # concurrent invocations (default: the profile's vCPUs; none if no profile)
+    queue_timeout_s: float = 10.0  # how long an invocation waits for a slot before 429
+    size_factor: float = 2.0  # footprint estimate = artifact bytes x factor + overhead, per instance
+    instance_overhead_bytes: int = 96 << 20  # a Python-backend stub process costs this much on its own
     log_level: str = "info"
 
     @property
@@ -79,6 +90,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     opt("load-timeout", 300.0, "seconds Triton may take to load one model", type=float)
     opt("max-artifact-bytes", 8 << 30, "cap on the unpacked size of one artifact", type=int)
     opt("max-artifact-files", 10_000, "cap on the number of files in one artifact", type=int)
+    opt("instance-type", None, "instance profile (ml.g5.xlarge, ...; see gateway/data/profiles.json) or 'auto' "
+        "to read the machine: sets the memory budget, concurrency cap and NVMe budget")
+    opt("memory-budget-bytes", None, "memory for loaded models (default: the profile's or the device's)", type=int)
+    opt("memory-slack", 0.1, "share of memory kept free for unloads in flight", type=float)
+    opt("memory-probe", "auto", "measure model memory with NVML (GPU) or host RSS", choices=["auto", "nvml", "host"])
+    opt("disk-budget-bytes", None, "bytes of staged models on local disk (default: profile NVMe or free space)",
+        type=int)
+    opt("eviction-policy", "lru", "which idle model to unload first: lru (SageMaker's) or gdsf (size/cost aware)",
+        choices=["lru", "gdsf"])
+    opt("model-cache", "enabled", "SageMaker ModelCacheSetting: 'disabled' unloads and deletes after each call",
+        choices=["enabled", "disabled"])
+    opt("max-concurrency", None, "concurrent invocations (default: the profile's vCPUs; unlimited without one)",
+        type=int)
+    opt("queue-timeout", 10.0, "seconds an invocation waits for a concurrency slot before 429", type=float)
+    opt("size-factor", 2.0, "footprint estimate: artifact bytes x this, plus the instance overhead", type=float)
+    opt("instance-overhead-bytes", 96 << 20, "footprint estimate: memory of one model instance on its own", type=int)
     opt("log-level", "info", "debug, info, warning or error")
 
 
@@ -108,5 +135,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         load_timeout_s=float(args.load_timeout),
         max_artifact_bytes=int(args.max_artifact_bytes),
         max_artifact_files=int(args.max_artifact_files),
+        instance_type=args.instance_type,
+        memory_budget_bytes=None if args.memory_budget_bytes is None else int(args.memory_budget_bytes),
+        memory_slack=float(args.memory_slack),
+        memory_probe=args.memory_probe,
+        disk_budget_bytes=None if args.disk_budget_bytes is None else int(args.disk_budget_bytes),
+        eviction_policy=args.eviction_policy,
+        model_cache=args.model_cache,
+        max_concurrency=None if args.max_concurrency is None else int(args.max_concurrency),
+        queue_timeout_s=float(args.queue_timeout),
+        size_factor=float(args.size_factor),
+        instance_overhead_bytes=int(args.instance_overhead_bytes),
         log_level=args.log_level,
     )

@@ -67,6 +67,13 @@ class InsufficientMemory(GatewayError):
     code = "InsufficientMemory"
 
 
+class Throttled(GatewayError):
+    """Every concurrent-invocation slot stayed busy for the queue timeout (SageMaker: ThrottlingException)."""
+
+    status = 429
+    code = "ThrottlingException"
+
+
 class StoreUnavailable(GatewayError):
     """The artifact store could not be reached or refused access."""
 

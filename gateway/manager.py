@@ -1,4 +1,4 @@
-"""The model lifecycle: one owner for every model's state, single-flight loads, and leases.
+"""The model lifecycle: one owner for every model's state, single-flight loads, leases, memory admission.
 
 States: absent -> staging -> staged -> loading -> ready -> unloading (-> staged), plus failed (remembered
 per ETag so a bad artifact is refused at once until it is replaced in the store).
@@ -9,6 +9,12 @@ per ETag so a bad artifact is refused at once until it is replaced in the store)
   background, as SageMaker does, and gets "not ready yet, retry".
 - Leases: every request holds a lease on its model for its whole duration; a model with leases is never
   unloaded, so no request ever races an eviction (Seldon retries on 404 instead).
+- Memory is measured, not guessed (ModelMesh's size x 1.25 is its users' top complaint): before a load the
+  footprint is estimated from the ledger of past measurements (else artifact size x factor + per-instance
+  overhead), idle models are evicted by the policy until the estimate fits, and after the load the real
+  footprint is measured and written back to the ledger. An unloading model's memory counts as used until
+  Triton's index no longer shows it (ModelMesh evicted nearly everything while unloads were pending,
+  modelmesh-serving #455).
 - Triton's own index is the ground truth for what is loaded: it is reconciled at start and after Triton
   restarts.
 """
@@ -18,29 +24,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import AsyncIterator
-
 from pathlib import Path
+from typing import AsyncIterator, Callable
 
 from gateway.errors import (
     GatewayError,
+    InsufficientMemory,
     InvalidArtifact,
     ModelAlreadyExists,
     ModelLoadFailed,
     ModelNotFound,
     ModelNotReady,
+    Throttled,
 )
+from gateway.memory import FootprintLedger, MemoryProbe
 from gateway.metrics import Metrics
 from gateway.naming import ModelKey, model_key
+from gateway.policy import EvictionPolicy
 from gateway.staging import StagedArtifact, StagingArea
 from gateway.store.base import ArtifactStore, ObjectInfo
 from gateway.store.path import PathSource
 from gateway.triton.control import TritonControl
 
 log = logging.getLogger(__name__)
+
+_OOM = re.compile(r"out of memory|\bOOM\b|MemoryError|Cannot allocate memory|std::bad_alloc|CUDA_ERROR_OUT_OF_MEMORY",
+                  re.IGNORECASE)
+_POLL_S = 0.02
 
 
 class State(str, Enum):
@@ -53,6 +67,9 @@ class State(str, Enum):
     FAILED = "failed"
 
 
+_RESIDENT = (State.LOADING, State.READY, State.UNLOADING)  # states whose memory counts against the budget
+
+
 @dataclass
 class ModelRecord:
     """Everything the gateway knows about one model."""
@@ -61,6 +78,8 @@ class ModelRecord:
     state: State = State.ABSENT
     etag: str | None = None
     artifact_bytes: int = 0
+    footprint_bytes: int = 0  # measured after a load, else the estimate it was admitted with
+    footprint_source: str | None = None  # "measured" | "ledger" | "size_x_factor"
     leases: int = 0
     hits: int = 0
     misses: int = 0
@@ -80,7 +99,18 @@ class ModelRecord:
 @dataclass(frozen=True)
 class ManagerConfig:
     wait_timeout_s: float = 60.0  # SageMaker answers within 60 s and keeps loading in the background
-    etag_ttl_s: float = 30.0  # how long a loaded version is trusted before the store is asked again
+    etag_ttl_s: float = 30.0  # how long a staged/loaded version is trusted before the store is asked again
+    memory_budget_bytes: int = 1 << 62
+    size_factor: float = 2.0
+    instance_overhead_bytes: int = 96 << 20
+    model_cache_enabled: bool = True  # SageMaker's ModelCacheSetting
+    max_concurrency: int | None = None
+    queue_timeout_s: float = 10.0
+    admission_wait_s: float = 10.0  # how long a load waits for busy models to go idle before 507
+
+
+StubPids = Callable[[str], list[int]]
+"""Triton-name -> pids of that model's Python-backend stub processes (None when Triton is not ours)."""
 
 
 class ModelManager:
@@ -92,23 +122,45 @@ class ModelManager:
         staging: StagingArea,
         control: TritonControl,
         metrics: Metrics,
+        policy: EvictionPolicy,
+        probe: MemoryProbe,
+        ledger: FootprintLedger,
         config: ManagerConfig = ManagerConfig(),
+        stub_pids: StubPids | None = None,
     ) -> None:
         self.store = store
         self.staging = staging
         self.control = control
         self.metrics = metrics
+        self.policy = policy
+        self.probe = probe
+        self.ledger = ledger
         self.config = config
+        self._stub_pids = stub_pids
         self._records: dict[str, ModelRecord] = {}
         self._registered: dict[str, str] = {}  # container-API model name -> Triton name
+        self._slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
+        self._measure_lock = asyncio.Lock()  # device-wide deltas are only meaningful one load at a time
+        self._background: set[asyncio.Task[None]] = set()
+        metrics.memory_budget.set(config.memory_budget_bytes)
+        if staging.budget_bytes is not None:
+            metrics.disk_budget.set(staging.budget_bytes)
 
     # -- queries ---------------------------------------------------------------------------------------
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return self.config.memory_budget_bytes
 
     def records(self) -> list[ModelRecord]:
         return list(self._records.values())
 
     def record(self, key: str) -> ModelRecord | None:
         return self._records.get(self._resolve(key).triton_name)
+
+    def committed_bytes(self) -> int:
+        """Memory of models loaded, loading or not yet confirmed unloaded."""
+        return sum(r.footprint_bytes for r in self._records.values() if r.state in _RESIDENT)
 
     def _resolve(self, key: str) -> ModelKey:
         """A registered name wins over a store key of the same spelling."""
@@ -126,8 +178,10 @@ class ModelManager:
             rec = self._records[model.triton_name] = ModelRecord(model=model)
         return rec
 
-    def _set_loaded_gauge(self) -> None:
+    def _update_gauges(self) -> None:
         self.metrics.loaded_models.set(sum(1 for r in self._records.values() if r.state is State.READY))
+        self.metrics.memory_used.set(self.committed_bytes())
+        self.metrics.disk_used.set(self.staging.used_bytes())
 
     # -- the request path --------------------------------------------------------------------------------
 
@@ -135,19 +189,43 @@ class ModelManager:
     async def lease(self, key: str, wait_timeout_s: float | None = None) -> AsyncIterator[ModelRecord]:
         """Make `key` ready (staging and loading it if needed) and hold it loaded while the block runs."""
         model = self._resolve(key)
-        rec = await self._acquire(model, self.config.wait_timeout_s if wait_timeout_s is None else wait_timeout_s)
-        self.metrics.in_flight.inc()
+        async with self._slot(model):
+            rec = await self._acquire(model, self.config.wait_timeout_s if wait_timeout_s is None else wait_timeout_s)
+            self.metrics.in_flight.inc()
+            try:
+                yield rec
+            finally:
+                rec.leases -= 1
+                rec.last_used = time.monotonic()
+                self.metrics.in_flight.dec()
+                if not self.config.model_cache_enabled and rec.leases == 0 and rec.source is None:
+                    self._spawn(self._evict(rec, reason="cache_disabled", delete=True))
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, model: ModelKey) -> AsyncIterator[None]:
+        """The concurrent-invocation cap (the profile's vCPUs): wait for a slot, then 429."""
+        if self._slots is None:
+            yield
+            return
         try:
-            yield rec
+            await asyncio.wait_for(self._slots.acquire(), timeout=self.config.queue_timeout_s)
+        except asyncio.TimeoutError:
+            raise Throttled(
+                f"all {self.config.max_concurrency} invocation slots stayed busy for {self.config.queue_timeout_s:.0f}s "
+                f"(model {model.key!r}); retry with backoff"
+            ) from None
+        try:
+            yield
         finally:
-            rec.leases -= 1
-            rec.last_used = time.monotonic()
-            self.metrics.in_flight.dec()
+            self._slots.release()
 
     async def ensure_ready(self, key: str, wait_timeout_s: float | None = None) -> ModelRecord:
         """Load `key` without holding it (metadata calls, explicit loads)."""
-        async with self.lease(key, wait_timeout_s) as rec:
-            return rec
+        model = self._resolve(key)
+        rec = await self._acquire(model, self.config.wait_timeout_s if wait_timeout_s is None else wait_timeout_s)
+        rec.leases -= 1
+        rec.last_used = time.monotonic()
+        return rec
 
     async def _acquire(self, model: ModelKey, wait_timeout_s: float) -> ModelRecord:
         loop = asyncio.get_running_loop()
@@ -162,6 +240,7 @@ class ModelManager:
                 self.metrics.cache_requests.labels(result="hit" if hit else "miss").inc()
                 if hit:
                     rec.hits += 1
+                    self.policy.record_hit(rec.name)
                 else:
                     rec.misses += 1
                     self.metrics.loading_wait.observe(loop.time() - started)
@@ -190,54 +269,157 @@ class ModelManager:
         try:
             await self._run_pipeline(rec)
         except ModelNotFound:
-            if rec.state is not State.READY:
+            if rec.state not in _RESIDENT and rec.source is None:
                 self._records.pop(rec.name, None)
             raise
-        except (InvalidArtifact, ModelLoadFailed) as exc:
-            rec.state, rec.error = State.FAILED, exc
+        except (InvalidArtifact, ModelLoadFailed, InsufficientMemory) as exc:
+            if rec.state is State.LOADING or rec.state is State.STAGED:
+                rec.state = State.STAGED if isinstance(exc, InsufficientMemory) else State.FAILED
+            elif rec.state is State.STAGING:
+                rec.state = State.FAILED
+            rec.error = exc
             self.metrics.load_failures.labels(reason=exc.code).inc()
             log.warning("model.failed", extra={"model": rec.model.key, "etag": rec.etag, "error": exc.message})
             raise
         finally:
-            self._set_loaded_gauge()
+            self._update_gauges()
 
     async def _run_pipeline(self, rec: ModelRecord) -> None:
-        info: ObjectInfo = await asyncio.to_thread(self._source(rec).head, rec.model.key)
+        while rec.state is State.UNLOADING:  # an eviction chose it just before this request: let it finish
+            await asyncio.sleep(_POLL_S)
+        staged = self.staging.staged(rec.name)
+        if staged is not None and staged.etag == rec.etag and not self._stale(rec) and rec.state is not State.FAILED:
+            info = ObjectInfo(key=rec.model.key, etag=staged.etag, size=staged.artifact_bytes)  # trusted (TTL)
+        else:
+            info = await asyncio.to_thread(self._source(rec).head, rec.model.key)
+            rec.checked_at = time.monotonic()
         if rec.state is State.FAILED and rec.etag == info.etag and rec.error is not None:
             raise rec.error  # same bytes as the last failure: refuse at once instead of downloading again
         if rec.state is State.READY and rec.etag == info.etag:
-            rec.checked_at = time.monotonic()
             return
-        staged = self.staging.staged(rec.name)
         if staged is None or staged.etag != info.etag:
             staged = await self._stage(rec, info)
         else:
             self.metrics.disk_hits.inc()
+            log.info("model.disk_hit", extra={"model": rec.model.key, "etag": info.etag})
         await self._load(rec, staged)
 
     async def _stage(self, rec: ModelRecord, info: ObjectInfo) -> StagedArtifact:
         rec.state, rec.etag, rec.error = State.STAGING, info.etag, None
         log.info("model.staging", extra={"model": rec.model.key, "etag": info.etag, "bytes": info.size})
+        await self._make_disk_room(2 * info.size, keep=rec.name)  # the archive and its extraction, briefly
         staged = await asyncio.to_thread(self.staging.stage, rec.model, info, self._source(rec))
         rec.state, rec.artifact_bytes, rec.download_s = State.STAGED, staged.artifact_bytes, staged.download_s
         self.metrics.downloads.inc()
         self.metrics.download_bytes.inc(staged.artifact_bytes)
         self.metrics.downloading.observe(staged.download_s)
+        await self._make_disk_room(0, keep=rec.name)
         return staged
 
+    async def _make_disk_room(self, need_bytes: int, keep: str) -> None:
+        protected = {r.name for r in self._records.values() if r.state is not State.STAGED or r.leases} | {keep}
+        for name in await asyncio.to_thread(self.staging.make_room, need_bytes, protected):
+            self.metrics.evictions.labels(tier="disk", reason="disk_budget").inc()
+            log.info("model.evicted_from_disk", extra={"triton_name": name})
+        self._update_gauges()
+
+    # -- admission and loading ------------------------------------------------------------------------------
+
+    def _estimate(self, rec: ModelRecord, staged: StagedArtifact) -> tuple[int, str]:
+        measured = self.ledger.get(staged.etag)
+        if measured is not None:
+            return measured, "ledger"
+        per_instance = int(staged.artifact_bytes * self.config.size_factor) + self.config.instance_overhead_bytes
+        return per_instance * max(staged.instance_count, 1), "size_x_factor"
+
+    def _choose_victims(self, rec: ModelRecord, need: int) -> list[ModelRecord] | None:
+        """Idle ready models to unload so that `need` fits; None if even all of them would not do.
+        Synchronous on purpose: no other coroutine runs between the choice and the state change."""
+        free = self.memory_budget_bytes - self.committed_bytes()
+        if need <= free:
+            return []
+        idle = {
+            r.name: r for r in self._records.values()
+            if r.state is State.READY and r.leases == 0 and r is not rec and (r.pipeline is None or r.pipeline.done())
+        }
+        chosen: list[ModelRecord] = []
+        for name in self.policy.victims(list(idle)):
+            chosen.append(idle[name])
+            free += idle[name].footprint_bytes
+            if need <= free:
+                break
+        if need > free:
+            return None
+        for victim in chosen:
+            victim.state = State.UNLOADING  # still counted as used until Triton confirms the unload
+        return chosen
+
+    async def _admit(self, rec: ModelRecord, need: int, source: str) -> None:
+        """Reserve `need` bytes for `rec`, evicting idle models by the policy; 507 when it cannot fit."""
+        budget = self.memory_budget_bytes
+        if need > budget:
+            raise InsufficientMemory(
+                f"model {rec.model.key!r} needs {need} bytes ({source.replace('_', ' ')}), more than the whole "
+                f"memory budget of {budget} bytes"
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.admission_wait_s
+        while (victims := self._choose_victims(rec, need)) is None:
+            if loop.time() > deadline:
+                raise InsufficientMemory(
+                    f"model {rec.model.key!r} needs {need} bytes ({source.replace('_', ' ')}) but only "
+                    f"{budget - self.committed_bytes()} of the {budget}-byte memory budget can be freed: the other "
+                    "loaded models are serving requests"
+                )
+            await asyncio.sleep(_POLL_S * 5)
+        rec.state, rec.footprint_bytes, rec.footprint_source = State.LOADING, need, source  # the reservation
+        self._update_gauges()
+        if victims:
+            await asyncio.gather(*(self._evict(v, reason="memory_pressure", chosen=True) for v in victims))
+
     async def _load(self, rec: ModelRecord, staged: StagedArtifact) -> None:
-        rec.state, rec.etag, rec.artifact_bytes = State.LOADING, staged.etag, staged.artifact_bytes
-        started = time.monotonic()
+        rec.state, rec.etag, rec.artifact_bytes = State.STAGED, staged.etag, staged.artifact_bytes
+        need, source = self._estimate(rec, staged)
+        await self._admit(rec, need, source)
         try:
-            await self.control.load(rec.name)
+            await self._load_measured(rec, staged)
         except ModelLoadFailed as exc:
-            self.metrics.loads.labels(result="failed").inc()
-            raise ModelLoadFailed(f"model {rec.model.key!r} failed to load in Triton: {exc.message}") from None
-        except BaseException:
+            if not _OOM.search(exc.message):
+                raise
+            log.warning("model.load_oom", extra={"model": rec.model.key, "error": exc.message})
             rec.state = State.STAGED
-            raise
-        rec.load_s = time.monotonic() - started
-        rec.state, rec.checked_at, rec.error = State.READY, time.monotonic(), None
+            await self._admit(rec, min(need * 2, self.memory_budget_bytes), "retry_after_out_of_memory")
+            try:
+                await self._load_measured(rec, staged)
+            except ModelLoadFailed as again:
+                if _OOM.search(again.message):
+                    raise InsufficientMemory(
+                        f"model {rec.model.key!r} ran out of memory loading even after evicting idle models "
+                        f"(estimate {need} bytes, budget {self.memory_budget_bytes} bytes): {again.message}"
+                    ) from None
+                raise
+
+    async def _load_measured(self, rec: ModelRecord, staged: StagedArtifact) -> None:
+        device_delta = self.probe.kind == "nvml" and staged.backend != "python"
+        async with self._measure_lock if device_delta else contextlib.nullcontext():
+            before = self.probe.device().used_bytes if device_delta else 0
+            started = time.monotonic()
+            try:
+                await self.control.load(rec.name)
+            except ModelLoadFailed as exc:
+                self.metrics.loads.labels(result="failed").inc()
+                raise ModelLoadFailed(f"model {rec.model.key!r} failed to load in Triton: {exc.message}") from None
+            except BaseException:
+                rec.state = State.STAGED
+                raise
+            rec.load_s = time.monotonic() - started
+            measured = (self.probe.device().used_bytes - before) if device_delta else self._stub_bytes(rec)
+        if measured and measured > 0:
+            rec.footprint_bytes, rec.footprint_source = measured, "measured"
+            self.ledger.record(staged.etag, measured)
+        rec.state, rec.error = State.READY, None
+        self.policy.record_load(rec.name, rec.footprint_bytes, rec.load_s)
+        self.staging.touch(rec.name)
         self.metrics.loads.labels(result="ok").inc()
         self.metrics.loading.observe(rec.load_s)
         log.info(
@@ -248,10 +430,60 @@ class ModelManager:
                 "etag": rec.etag,
                 "download_s": None if rec.download_s is None else round(rec.download_s, 4),
                 "load_s": round(rec.load_s, 4),
+                "footprint_bytes": rec.footprint_bytes,
+                "footprint_source": rec.footprint_source,
                 "framework": staged.framework,
                 "backend": staged.backend,
             },
         )
+
+    def _stub_bytes(self, rec: ModelRecord) -> int | None:
+        """Memory of the model's own stub processes (host RSS, or per-process GPU memory with NVML)."""
+        if self._stub_pids is None:
+            return None
+        pids = self._stub_pids(rec.name)
+        return self.probe.process_bytes(pids) if pids else None
+
+    # -- unloading -------------------------------------------------------------------------------------
+
+    async def _evict(self, rec: ModelRecord, reason: str, chosen: bool = False, delete: bool = False) -> bool:
+        """Unload an idle model (already marked UNLOADING when `chosen` by admission)."""
+        if not chosen:
+            if rec.state is not State.READY or rec.leases > 0 or (rec.pipeline and not rec.pipeline.done()):
+                return False
+            rec.state = State.UNLOADING
+        grown = self._stub_bytes(rec)  # onnxruntime grows its arena on first inferences: learn that too
+        if grown and rec.etag and grown > rec.footprint_bytes:
+            self.ledger.record(rec.etag, grown)
+        started = time.monotonic()
+        try:
+            await self.control.unload(rec.name)
+            gone = await self.control.wait_unloaded(rec.name)
+            if not gone:
+                log.warning("model.unload_slow", extra={"model": rec.model.key})
+        finally:
+            rec.state = State.STAGED
+            self.policy.record_evict(rec.name)
+            if delete:
+                await asyncio.to_thread(self.staging.remove, rec.name)
+                rec.state = State.ABSENT
+                if rec.pipeline is None or rec.pipeline.done():  # nobody is waiting to load it again
+                    self._records.pop(rec.name, None)
+            self._update_gauges()
+        self.metrics.unloading.observe(time.monotonic() - started)
+        self.metrics.evictions.labels(tier="memory", reason=reason).inc()
+        log.info("model.unloaded", extra={"model": rec.model.key, "reason": reason,
+                                          "unload_s": round(time.monotonic() - started, 4)})
+        return True
+
+    async def unload(self, rec: ModelRecord, reason: str) -> bool:
+        """Unload an idle ready model on request (APIs); False if it is leased or not loaded."""
+        return await self._evict(rec, reason=reason)
+
+    def _spawn(self, coro: "asyncio.coroutines.Coroutine[object, object, object]") -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._background.add(task)  # keep a reference until done (the loop holds only weak ones)
+        task.add_done_callback(self._background.discard)
 
     # -- models registered by path (the SageMaker multi-model container API) ------------------------------
 
@@ -281,50 +513,48 @@ class ModelManager:
         rec = self._records.get(triton_name or "")
         if rec is None:
             raise ModelNotFound(f"model {name!r} is not loaded")
-        while rec.leases > 0 or (rec.pipeline and not rec.pipeline.done()):
-            await asyncio.sleep(0.01)  # let in-flight requests finish: never cut a request off
         self._registered.pop(name, None)
-        await self.unload(rec, reason="deleted")
-        self.staging.remove(rec.name)
+        while rec.leases > 0 or (rec.pipeline and not rec.pipeline.done()) or rec.state is State.UNLOADING:
+            await asyncio.sleep(_POLL_S)  # let in-flight requests finish: never cut a request off
+        if rec.state is State.READY:
+            await self._evict(rec, reason="deleted")
+        await asyncio.to_thread(self.staging.remove, rec.name)
         self._records.pop(rec.name, None)
+        self._update_gauges()
 
-    # -- unloading and reconciliation ----------------------------------------------------------------------
-
-    async def unload(self, rec: ModelRecord, reason: str) -> bool:
-        """Unload an idle ready model; False if it is leased or not loaded. Memory counts as free only once
-        Triton's index no longer shows the model (modelmesh-serving #455)."""
-        if rec.state is not State.READY or rec.leases > 0:
-            return False
-        rec.state = State.UNLOADING
-        started = time.monotonic()
-        try:
-            await self.control.unload(rec.name)
-            await self.control.wait_unloaded(rec.name)
-        finally:
-            rec.state = State.STAGED
-            self._set_loaded_gauge()
-        self.metrics.unloading.observe(time.monotonic() - started)
-        self.metrics.evictions.labels(tier="memory", reason=reason).inc()
-        log.info("model.unloaded", extra={"model": rec.model.key, "reason": reason})
-        return True
+    # -- reconciliation ------------------------------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Align records with Triton's index: at start and after a Triton restart."""
+        """Align records with Triton's index and the disk: at start and after a Triton restart."""
         index = {entry.name: entry for entry in await self.control.index()}
-        staged = {a.triton_name: a for a in self.staging.all_staged()}
-        for name, artifact in staged.items():
-            rec = self._records.get(name) or self._record(model_key(artifact.key, self.store.url))
+        for artifact in self.staging.all_staged():
+            name = artifact.triton_name
+            rec = self._records.get(name)
+            if rec is None:
+                model = model_key(artifact.key, self.store.url)
+                if model.triton_name != name:
+                    continue  # registered through the container API before a restart: SageMaker registers again
+                rec = self._record(model)
             if rec.pipeline and not rec.pipeline.done():
                 continue
-            ready = index.get(name) is not None and index[name].state == "READY"
+            ready = name in index and index[name].state == "READY"
             rec.etag, rec.artifact_bytes = artifact.etag, artifact.artifact_bytes
-            rec.state = State.READY if ready else State.STAGED
             rec.checked_at = 0.0  # trust nothing from before: the next call checks the store
+            if ready:
+                rec.state = State.READY
+                rec.footprint_bytes, rec.footprint_source = self._estimate(rec, artifact)
+                self.policy.record_load(name, rec.footprint_bytes, rec.load_s or 1.0)
+            else:
+                if rec.state is State.READY:
+                    self.policy.record_evict(name)
+                rec.state = State.STAGED
+        staged_names = {a.triton_name for a in self.staging.all_staged()}
         for name, rec in list(self._records.items()):
-            if name not in staged and rec.state in (State.READY, State.STAGED) and not rec.leases:
+            if rec.state in (State.READY, State.STAGED) and name not in staged_names and not rec.leases:
                 self._records.pop(name)
-        self._set_loaded_gauge()
+        self._update_gauges()
         log.info(
             "manager.reconciled",
-            extra={"loaded": sum(1 for r in self._records.values() if r.state is State.READY), "staged": len(staged)},
+            extra={"loaded": sum(1 for r in self._records.values() if r.state is State.READY),
+                   "staged": len(staged_names), "committed_bytes": self.committed_bytes()},
         )

@@ -2,11 +2,14 @@
 
 Layout under the cache directory:
 - `repo/<triton name>/`     the rendered model directory; Triton's `--model-repository` points at `repo/`;
-- `meta/<triton name>.json` which key and ETag the directory was built from, and its size on disk;
+- `meta/<triton name>.json` which key and ETag the directory was built from, and its size on disk; the
+                            file's modification time is the model's last use, so disk LRU survives restarts;
 - `tmp/`                    downloads and extractions in progress (wiped at start).
 
 A directory moves into `repo/` only when complete (rename on the same file system), so Triton never sees a
-half-written model and a crash leaves at worst a stale `tmp/` entry.
+half-written model and a crash leaves at worst a stale `tmp/` entry. The tier has a byte budget: staged
+models that are not loaded are deleted least recently used first when a new artifact needs the room
+(SageMaker keeps evicted models on disk until the volume fills, and so do we).
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Collection
 
 from gateway.extract import ExtractLimits, safe_extract
 from gateway.naming import ModelKey
@@ -51,7 +56,7 @@ class _Progress:
 
     def __init__(self, key: str, total: int) -> None:
         self.key, self.total, self.done = key, total, 0
-        self.start = self._last = time.monotonic()
+        self._last = time.monotonic()
 
     def __call__(self, n: int) -> None:
         self.done += n
@@ -70,9 +75,16 @@ def _dir_bytes(path: Path) -> int:
 
 
 class StagingArea:
-    """Downloads, extracts and renders artifacts under `root`; remembers what is staged across restarts."""
+    """Downloads, extracts and renders artifacts under `root`, within a byte budget."""
 
-    def __init__(self, root: Path, store: ArtifactStore, render: RenderOptions, limits: ExtractLimits) -> None:
+    def __init__(
+        self,
+        root: Path,
+        store: ArtifactStore,
+        render: RenderOptions,
+        limits: ExtractLimits,
+        budget_bytes: int | None = None,
+    ) -> None:
         self.root = root
         self.repo = root / "repo"
         self.meta = root / "meta"
@@ -80,10 +92,15 @@ class StagingArea:
         self.store = store
         self.render = render
         self.limits = limits
+        self.budget_bytes = budget_bytes
         for path in (self.repo, self.meta, self.tmp):
             path.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()
+        self._lock = threading.Lock()  # staging runs in worker threads; sizes are shared with the loop
+        self._sizes: dict[str, int] = {a.triton_name: a.disk_bytes for a in self.all_staged()}
+
+    # -- what is on disk -------------------------------------------------------------------------------
 
     def model_dir(self, triton_name: str) -> Path:
         return self.repo / triton_name
@@ -107,6 +124,46 @@ class StagingArea:
             if artifact:
                 found.append(artifact)
         return found
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(self._sizes.values())
+
+    def touch(self, triton_name: str) -> None:
+        """Mark a staged model as just used (disk LRU order)."""
+        try:
+            os.utime(self._meta_path(triton_name))
+        except OSError:
+            pass
+
+    def _last_used(self, triton_name: str) -> float:
+        try:
+            return self._meta_path(triton_name).stat().st_mtime
+        except OSError:
+            return 0.0
+
+    # -- the disk budget -----------------------------------------------------------------------------------
+
+    def make_room(self, need_bytes: int, protected: Collection[str]) -> list[str]:
+        """Delete least recently used staged models, never one in `protected` (loaded or in use), until
+        `need_bytes` more fit in the budget. Returns the names removed; fitting is best effort."""
+        if self.budget_bytes is None:
+            return []
+        removed: list[str] = []
+        with self._lock:
+            candidates = sorted((n for n in self._sizes if n not in protected), key=self._last_used)
+            used = sum(self._sizes.values())
+        for name in candidates:
+            if used + need_bytes <= self.budget_bytes:
+                break
+            with self._lock:
+                freed = self._sizes.get(name, 0)
+            self.remove(name)
+            used -= freed
+            removed.append(name)
+        return removed
+
+    # -- staging -------------------------------------------------------------------------------------------
 
     def stage(self, model: ModelKey, info: ObjectInfo, source: ArtifactStore | None = None) -> StagedArtifact:
         """Download `model` (the version `info` describes), extract safely, render; blocking, run in a thread."""
@@ -151,10 +208,14 @@ class StagingArea:
         tmp = meta.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(asdict(artifact)))
         os.replace(tmp, meta)
+        with self._lock:
+            self._sizes[model.triton_name] = artifact.disk_bytes
         return artifact
 
     def remove(self, triton_name: str) -> None:
         """Delete a staged model from disk (the caller makes sure Triton no longer has it loaded)."""
+        with self._lock:
+            self._sizes.pop(triton_name, None)
         self._meta_path(triton_name).unlink(missing_ok=True)
         target = self.model_dir(triton_name)
         if target.exists():
