@@ -364,18 +364,28 @@ class ModelManager:
             )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.admission_wait_s
-        while (victims := self._choose_victims(rec, need)) is None:
-            if loop.time() > deadline:
-                raise InsufficientMemory(
-                    f"model {rec.model.key!r} needs {need} bytes ({source.replace('_', ' ')}) but only "
-                    f"{budget - self.committed_bytes()} of the {budget}-byte memory budget can be freed: the other "
-                    "loaded models are serving requests"
-                )
-            await asyncio.sleep(_POLL_S * 5)
+        evicted: list[str] = []
+        while True:
+            victims = self._choose_victims(rec, need)
+            if victims == []:
+                break
+            if victims is None:
+                if loop.time() > deadline:
+                    raise InsufficientMemory(
+                        f"model {rec.model.key!r} needs {need} bytes ({source.replace('_', ' ')}) but only "
+                        f"{budget - self.committed_bytes()} of the {budget}-byte memory budget can be freed: the "
+                        "other loaded models are serving requests"
+                    )
+                await asyncio.sleep(_POLL_S * 5)
+                continue
+            # Reserve only once the victims are gone: used memory, reservations included, never tops the budget.
+            await asyncio.gather(*(self._evict(v, reason="memory_pressure", chosen=True) for v in victims))
+            evicted += [v.model.key for v in victims]
         rec.state, rec.footprint_bytes, rec.footprint_source = State.LOADING, need, source  # the reservation
         self._update_gauges()
-        if victims:
-            await asyncio.gather(*(self._evict(v, reason="memory_pressure", chosen=True) for v in victims))
+        log.info("model.admitted", extra={"model": rec.model.key, "need_bytes": need, "estimate_source": source,
+                                          "evicted": evicted, "committed_bytes": self.committed_bytes(),
+                                          "budget_bytes": budget})
 
     async def _load(self, rec: ModelRecord, staged: StagedArtifact) -> None:
         rec.state, rec.etag, rec.artifact_bytes = State.STAGED, staged.etag, staged.artifact_bytes

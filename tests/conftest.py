@@ -78,3 +78,11 @@ def local_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for city in SEED_CITIES:
         (root / f"{city}.tar.gz").write_bytes(city_artifact(city))
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_moto() -> None:
+    """moto's server logs every S3 request through werkzeug; keep test output about the gateway."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)

@@ -17,6 +17,8 @@ def describe(rec: ModelRecord, now: float | None = None) -> dict[str, Any]:
         "state": rec.state.value,
         "etag": rec.etag,
         "artifactBytes": rec.artifact_bytes,
+        "footprintBytes": rec.footprint_bytes or None,
+        "footprintSource": rec.footprint_source,
         "leases": rec.leases,
         "hits": rec.hits,
         "misses": rec.misses,
