@@ -53,6 +53,13 @@ class ModelAlreadyExists(GatewayError):
     code = "ModelAlreadyExists"
 
 
+class ModelBusy(GatewayError):
+    """The model is serving requests, so it cannot be unloaded now."""
+
+    status = 409
+    code = "ModelBusy"
+
+
 class ModelNotReady(GatewayError):
     """The model is still being staged or loaded past the caller's wait bound; retrying later succeeds."""
 
