@@ -1,0 +1,129 @@
+"""Gateway overhead: perf_analyzer against Triton directly and through the gateway, same model, one run.
+
+For HTTP and gRPC, at concurrency 1 and 8, it prints throughput through the gateway as a share of direct
+throughput, and the p50 and p99 latency the gateway adds. Targets: at least 0.85 of direct throughput at
+concurrency 8, and at most 0.5 ms added to p50 at concurrency 1. The gateway, Triton and perf_analyzer
+share this machine's cores, so on a small machine the gateway's CPU competes with Triton's.
+
+    python benchmarks/overhead.py [--window-ms 2000] [--trials 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway.demo import write_artifact  # noqa: E402
+
+PERF_ANALYZER = Path(sys.executable).parent / "perf_analyzer"
+KEY = "Chicago_IL.tar.gz"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError("gateway not ready")
+
+
+def perf(model: str, protocol: str, address: str, concurrency: int, window_ms: int, trials: int, out: Path) -> dict:
+    """One perf_analyzer pass; returns throughput and p50/p99 in milliseconds."""
+    cmd = [str(PERF_ANALYZER), "-m", model, "-i", protocol, "-u", address, "--shape", "features:1,6",
+           "-p", str(window_ms), "-s", "25", "-r", str(trials), "--concurrency-range", f"{concurrency}:{concurrency}",
+           "-f", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 or not out.exists():
+        raise RuntimeError(f"perf_analyzer failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    row = next(csv.DictReader(out.open()))
+    return {"tps": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
+            "p99_ms": float(row["p99 latency"]) / 1000}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--window-ms", type=int, default=2000, help="perf_analyzer measurement window")
+    parser.add_argument("--trials", type=int, default=5, help="perf_analyzer max trials to reach stability")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    args = parser.parse_args()
+    if not PERF_ANALYZER.exists():
+        raise SystemExit(f"{PERF_ANALYZER} missing: run `make perf-analyzer`")
+
+    with tempfile.TemporaryDirectory(prefix="mme-overhead-") as tmp:
+        work = Path(tmp)
+        write_artifact("Chicago_IL", work / "store" / KEY)
+        ports = {name: free_port() for name in ("http", "grpc", "t_http", "t_grpc", "t_metrics")}
+        cmd = [sys.executable, "-m", "gateway", "serve", "--store", str(work / "store"), "--cache-dir",
+               str(work / "cache"), "--port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
+               "--triton-http-port", str(ports["t_http"]), "--triton-grpc-port", str(ports["t_grpc"]),
+               "--triton-metrics-port", str(ports["t_metrics"]), "--log-level", "warning"]
+        log = (work / "gateway.log").open("wb")
+        gateway = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            url = f"http://127.0.0.1:{ports['http']}"
+            wait_ready(url, gateway)
+            body = json.dumps({"inputs": [{"name": "features", "shape": [1, 6], "datatype": "FP32",
+                                           "data": [1994, 3188, 5, 1.5, 1.62, 3]}]}).encode()
+            urllib.request.urlopen(urllib.request.Request(url + f"/v2/models/{KEY}/infer", data=body), timeout=120)
+            with urllib.request.urlopen(url + "/models", timeout=10) as resp:
+                triton_name = next(m["tritonName"] for m in json.load(resp)["models"] if m["modelName"] == KEY)
+
+            targets = {
+                ("http", "direct"): (triton_name, f"127.0.0.1:{ports['t_http']}"),
+                ("http", "gateway"): (KEY, f"127.0.0.1:{ports['http']}"),
+                ("grpc", "direct"): (triton_name, f"127.0.0.1:{ports['t_grpc']}"),
+                ("grpc", "gateway"): (KEY, f"127.0.0.1:{ports['grpc']}"),
+            }
+            results: dict[tuple[str, str, int], dict] = {}
+            print(f"perf_analyzer, model {KEY} (ONNX through the Python-backend runner), {os.cpu_count()} cores, "
+                  f"window {args.window_ms} ms")
+            for protocol in ("http", "grpc"):
+                for c in args.concurrency:
+                    for where in ("direct", "gateway"):  # interleaved, so drift hits both sides alike
+                        model, address = targets[(protocol, where)]
+                        r = perf(model, protocol, address, c, args.window_ms, args.trials, work / f"{protocol}-{where}-{c}.csv")
+                        results[(protocol, where, c)] = r
+                        print(f"  {protocol:4} c={c:<2} {where:7}: {r['tps']:8.1f} infer/s  p50 {r['p50_ms']:6.3f} ms"
+                              f"  p99 {r['p99_ms']:6.3f} ms", flush=True)
+            print()
+            print(f"{'protocol':8} {'conc':>4} | {'throughput gw/direct':>20} | {'added p50 ms':>12} | {'added p99 ms':>12}")
+            for protocol in ("http", "grpc"):
+                for c in args.concurrency:
+                    d, g = results[(protocol, "direct", c)], results[(protocol, "gateway", c)]
+                    print(f"{protocol:8} {c:>4} | {g['tps'] / d['tps']:>20.3f} | {g['p50_ms'] - d['p50_ms']:>12.3f} | "
+                          f"{g['p99_ms'] - d['p99_ms']:>12.3f}")
+            print("\ntargets: throughput ratio >= 0.85 at concurrency 8; added p50 <= 0.5 ms at concurrency 1")
+        finally:
+            gateway.send_signal(signal.SIGTERM)
+            gateway.wait(timeout=60)
+            log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
