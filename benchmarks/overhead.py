@@ -52,10 +52,11 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> No
     raise TimeoutError("gateway not ready")
 
 
-def perf(model: str, protocol: str, address: str, concurrency: int, window_ms: int, trials: int, out: Path) -> dict:
+def perf(model: str, protocol: str, address: str, concurrency: int, window_ms: int, trials: int, out: Path,
+         stability: int = 100) -> dict:
     """One perf_analyzer pass; returns throughput and p50/p99 in milliseconds."""
     cmd = [str(PERF_ANALYZER), "-m", model, "-i", protocol, "-u", address, "--shape", "features:1,6",
-           "-p", str(window_ms), "-s", "25", "-r", str(trials), "--concurrency-range", f"{concurrency}:{concurrency}",
+           "-p", str(window_ms), "-s", str(stability), "-r", str(trials), "--concurrency-range", f"{concurrency}:{concurrency}",
            "-f", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 or not out.exists():
@@ -68,8 +69,11 @@ def perf(model: str, protocol: str, address: str, concurrency: int, window_ms: i
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--window-ms", type=int, default=2000, help="perf_analyzer measurement window")
-    parser.add_argument("--trials", type=int, default=5, help="perf_analyzer max trials to reach stability")
+    parser.add_argument("--trials", type=int, default=10, help="perf_analyzer max trials to reach stability")
+    parser.add_argument("--stability", type=int, default=100,
+                        help="perf_analyzer stability percentage (loose: shared machines are noisy)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--protocols", nargs="+", default=["http", "grpc"], choices=["http", "grpc"])
     args = parser.parse_args()
     if not PERF_ANALYZER.exists():
         raise SystemExit(f"{PERF_ANALYZER} missing: run `make perf-analyzer`")
@@ -102,17 +106,18 @@ def main() -> int:
             results: dict[tuple[str, str, int], dict] = {}
             print(f"perf_analyzer, model {KEY} (ONNX through the Python-backend runner), {os.cpu_count()} cores, "
                   f"window {args.window_ms} ms")
-            for protocol in ("http", "grpc"):
+            for protocol in args.protocols:
                 for c in args.concurrency:
                     for where in ("direct", "gateway"):  # interleaved, so drift hits both sides alike
                         model, address = targets[(protocol, where)]
-                        r = perf(model, protocol, address, c, args.window_ms, args.trials, work / f"{protocol}-{where}-{c}.csv")
+                        r = perf(model, protocol, address, c, args.window_ms, args.trials,
+                                 work / f"{protocol}-{where}-{c}.csv", args.stability)
                         results[(protocol, where, c)] = r
                         print(f"  {protocol:4} c={c:<2} {where:7}: {r['tps']:8.1f} infer/s  p50 {r['p50_ms']:6.3f} ms"
                               f"  p99 {r['p99_ms']:6.3f} ms", flush=True)
             print()
             print(f"{'protocol':8} {'conc':>4} | {'throughput gw/direct':>20} | {'added p50 ms':>12} | {'added p99 ms':>12}")
-            for protocol in ("http", "grpc"):
+            for protocol in args.protocols:
                 for c in args.concurrency:
                     d, g = results[(protocol, "direct", c)], results[(protocol, "gateway", c)]
                     print(f"{protocol:8} {c:>4} | {g['tps'] / d['tps']:>20.3f} | {g['p50_ms'] - d['p50_ms']:>12.3f} | "

@@ -8,6 +8,7 @@ get distinct names, and two stores never share a name in one Triton).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ def triton_name_for(key: str, namespace: str = "") -> str:
     return f"{_slug(key)}-{digest}"
 
 
+@functools.lru_cache(maxsize=65536)
 def model_key(key: str, namespace: str = "") -> ModelKey:
-    """Validate `key` and pair it with its Triton name."""
+    """Validate `key` and pair it with its Triton name (cached: every request resolves its key)."""
     return ModelKey(key=validate_key(key), triton_name=triton_name_for(key, namespace))
