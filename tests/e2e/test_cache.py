@@ -250,3 +250,32 @@ def test_cache_disabled_unloads_and_deletes_after_each_call(s3, s3_endpoint, tmp
         assert resolved["max_concurrency"] == 4 and resolved["profile"] == "ml.g5.xlarge"
     finally:
         gw.stop()
+
+
+def test_after_triton_dies_the_gateway_restarts_it_and_reloads_from_disk(s3, s3_endpoint, tmp_path) -> None:
+    import os
+    import signal
+
+    key = "crash/Crash_ZZ.tar.gz"
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{key}", Body=city_artifact("Crash_ZZ"))
+    gw = _gateway(s3_endpoint, tmp_path)
+    try:
+        gw.wait_ready()
+        assert infer(gw, key)[0] == 200
+        triton = [pid for pid in descendant_pids(gw.proc.pid)
+                  if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"tritonserver")]
+        assert len(triton) == 1
+        os.kill(triton[0], signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (
+            gw.metric("mme_triton_restarts_total") == 1 and http("GET", gw.url + "/v2/health/ready")[0] == 200
+        ):
+            time.sleep(0.2)
+        assert gw.metric("mme_triton_restarts_total") == 1
+        assert models(gw)[key]["state"] == "staged"  # reconciled: Triton lost it, the disk still has it
+        status, answer = infer(gw, key)
+        assert status == 200, answer
+        assert gw.metric("mme_model_downloads_total") == 1
+        assert gw.metric("mme_disk_tier_hits_total") == 1
+    finally:
+        gw.stop()
