@@ -57,6 +57,12 @@ _OOM = re.compile(r"out of memory|\bOOM\b|MemoryError|Cannot allocate memory|std
 _POLL_S = 0.02
 
 
+def _consume_exception(task: asyncio.Task[None]) -> None:
+    """A pipeline whose callers all gave up still ends; its error was logged, so do not warn again."""
+    if not task.cancelled():
+        task.exception()
+
+
 class State(str, Enum):
     ABSENT = "absent"
     STAGING = "staging"
@@ -248,6 +254,7 @@ class ModelManager:
             task = rec.pipeline
             if task is None or task.done():
                 task = rec.pipeline = asyncio.create_task(self._pipeline(rec), name=f"pipeline:{model.triton_name}")
+                task.add_done_callback(_consume_exception)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise ModelNotReady(f"model {model.key!r} is still loading; retry shortly")
@@ -280,6 +287,12 @@ class ModelManager:
             rec.error = exc
             self.metrics.load_failures.labels(reason=exc.code).inc()
             log.warning("model.failed", extra={"model": rec.model.key, "etag": rec.etag, "error": exc.message})
+            raise
+        except BaseException as exc:  # store or Triton unreachable, cancelled: nothing is cached, retry later
+            if rec.state is State.STAGING:
+                rec.state = State.STAGED if self.staging.staged(rec.name) else State.ABSENT
+            if isinstance(exc, GatewayError):
+                self.metrics.load_failures.labels(reason=exc.code).inc()
             raise
         finally:
             self._update_gauges()
