@@ -9,7 +9,7 @@ import logging
 from gateway.config import Settings
 from gateway.extract import ExtractLimits
 from gateway.manager import ManagerConfig, ModelManager
-from gateway.memory import FootprintLedger, detect_probe, find_stub_pids
+from gateway.memory import FootprintLedger, detect_probe
 from gateway.metrics import Metrics
 from gateway.policy import make_policy
 from gateway.proxy import TritonProxy
@@ -75,15 +75,13 @@ class Gateway:
                 max_concurrency=self.resources.max_concurrency,
                 queue_timeout_s=settings.queue_timeout_s,
             ),
-            stub_pids=self._stub_pids if self.triton else None,
+            triton_pid=self._triton_pid if self.triton else None,
         )
         self._watcher: asyncio.Task[None] | None = None
         self.ready = False
 
-    def _stub_pids(self, triton_name: str) -> list[int]:
-        """The embedded Triton's Python-backend stub processes serving `triton_name`."""
-        pid = self.triton.pid if self.triton else None
-        return find_stub_pids(pid, f"{self.staging.model_dir(triton_name)}/") if pid else []
+    def _triton_pid(self) -> int | None:
+        return self.triton.pid if self.triton else None
 
     async def start(self) -> None:
         if self.triton:

@@ -41,7 +41,7 @@ from gateway.errors import (
     ModelNotReady,
     Throttled,
 )
-from gateway.memory import FootprintLedger, MemoryProbe
+from gateway.memory import FootprintLedger, MemoryProbe, find_stub_pids
 from gateway.metrics import Metrics
 from gateway.naming import ModelKey, model_key
 from gateway.policy import EvictionPolicy
@@ -115,8 +115,8 @@ class ManagerConfig:
     admission_wait_s: float = 10.0  # how long a load waits for busy models to go idle before 507
 
 
-StubPids = Callable[[str], list[int]]
-"""Triton-name -> pids of that model's Python-backend stub processes (None when Triton is not ours)."""
+TritonPid = Callable[[], "int | None"]
+"""The embedded tritonserver's pid now (it changes on restart); not given when Triton runs elsewhere."""
 
 
 class ModelManager:
@@ -132,7 +132,7 @@ class ModelManager:
         probe: MemoryProbe,
         ledger: FootprintLedger,
         config: ManagerConfig = ManagerConfig(),
-        stub_pids: StubPids | None = None,
+        triton_pid: TritonPid | None = None,
     ) -> None:
         self.store = store
         self.staging = staging
@@ -142,7 +142,7 @@ class ModelManager:
         self.probe = probe
         self.ledger = ledger
         self.config = config
-        self._stub_pids = stub_pids
+        self._triton_pid = triton_pid
         self._records: dict[str, ModelRecord] = {}
         self._registered: dict[str, str] = {}  # container-API model name -> Triton name
         self._slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
@@ -422,10 +422,20 @@ class ModelManager:
                     ) from None
                 raise
 
+    def _in_process_bytes(self) -> int | None:
+        """What in-process backends grow when they load a model: GPU memory of the whole device (NVML), or
+        the RSS of tritonserver itself on the host; None when neither can be read."""
+        if self.probe.kind == "nvml":
+            return self.probe.device().used_bytes
+        pid = self._triton_pid() if self._triton_pid else None
+        return self.probe.process_bytes([pid]) if pid else None
+
     async def _load_measured(self, rec: ModelRecord, staged: StagedArtifact) -> None:
-        device_delta = self.probe.kind == "nvml" and staged.backend != "python"
-        async with self._measure_lock if device_delta else contextlib.nullcontext():
-            before = self.probe.device().used_bytes if device_delta else 0
+        # Python-backend models live in their own stub processes and are measured there; other backends
+        # load inside Triton, so their footprint is the change around the load, one load at a time.
+        in_process = staged.backend != "python"
+        async with self._measure_lock if in_process else contextlib.nullcontext():
+            before = self._in_process_bytes() if in_process else None
             started = time.monotonic()
             try:
                 await self.control.load(rec.name)
@@ -436,7 +446,11 @@ class ModelManager:
                 rec.state = State.STAGED
                 raise
             rec.load_s = time.monotonic() - started
-            measured = (self.probe.device().used_bytes - before) if device_delta else self._stub_bytes(rec)
+            if in_process:
+                after = self._in_process_bytes()
+                measured = after - before if after is not None and before is not None else None
+            else:
+                measured = self._stub_bytes(rec)
         if measured and measured > 0:
             rec.footprint_bytes, rec.footprint_source = measured, "measured"
             self.ledger.record(staged.etag, measured)
@@ -462,9 +476,10 @@ class ModelManager:
 
     def _stub_bytes(self, rec: ModelRecord) -> int | None:
         """Memory of the model's own stub processes (host RSS, or per-process GPU memory with NVML)."""
-        if self._stub_pids is None:
+        pid = self._triton_pid() if self._triton_pid else None
+        if pid is None:
             return None
-        pids = self._stub_pids(rec.name)
+        pids = find_stub_pids(pid, f"{self.staging.model_dir(rec.name)}/")
         return self.probe.process_bytes(pids) if pids else None
 
     # -- unloading -------------------------------------------------------------------------------------
