@@ -25,6 +25,20 @@ class InvalidModelKey(GatewayError):
     code = "InvalidModelKey"
 
 
+class InvalidRequestBody(GatewayError):
+    """The body, its ContentType or the Accept header cannot be served (SageMaker: ValidationError)."""
+
+    status = 400
+    code = "InvalidRequestBody"
+
+
+class InvalidRequest(GatewayError):
+    """A request that is malformed (bad JSON, missing field, bad page token)."""
+
+    status = 400
+    code = "InvalidRequest"
+
+
 class ModelNotFound(GatewayError):
     """No artifact with that key exists in the store."""
 

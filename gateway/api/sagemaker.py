@@ -1,38 +1,477 @@
-"""The SageMaker edges: the runtime API (`/invocations` with the TargetModel header) and the multi-model
-container API (`/ping`, `/models`)."""
+"""The SageMaker edges.
+
+Runtime API (what boto3's `sagemaker-runtime` client calls): `POST /endpoints/{EndpointName}/invocations`,
+and `POST /invocations`, with the TargetModel in `X-Amzn-SageMaker-Target-Model`. Errors come back in the
+rest-json shape botocore parses into the service's named exceptions: the code in `X-Amzn-ErrorType` and in
+the body's `__type`, the text in `Message` (the body also keeps the gateway's own `code` and `error`):
+
+    gateway error                          SageMaker error              status  why
+    InvalidModelKey, bad body/ContentType  ValidationError              400     the request is wrong
+    ModelNotFound                          ValidationError              400     what SageMaker answers for a
+                                                                                TargetModel with no object:
+                                                                                "Failed to download model data"
+    InvalidArtifact, ModelLoadFailed       ModelError (Original 422)    424     the model, not the request,
+                                                                                is broken; not retried
+    InsufficientMemory                     ModelError (Original 507)    424     the model does not fit even
+                                                                                after eviction; retrying at
+                                                                                once would not help, so no
+                                                                                automatic SDK retry
+    Triton answered 4xx/5xx to the infer   ModelError (Original = it)   424     SageMaker's "received client/
+                                                                                server error from model"
+    ModelNotReady                          ModelNotReadyException       429     still loading: SDKs retry it
+    Throttled                              ThrottlingException          400     AWS's throttling shape: SDKs
+                                                                                retry it with backoff
+    TritonUnavailable                      ServiceUnavailable           503     transient: SDKs retry it
+    StoreUnavailable                       InternalDependencyException  530     the store failed, not the
+                                                                                request or the model
+    anything else                          InternalFailure              500
+
+The answer carries `Content-Type`, `X-Amzn-Invoked-Production-Variant: AllTraffic` and the request's
+`X-Amzn-SageMaker-Custom-Attributes` echoed (the gateway has no model code that could rewrite it).
+
+Bodies (`ContentType`): `application/json` (or none) is KServe v2 JSON and passes through;
+`application/vnd.sagemaker-triton.binary+json;json-header-size=N` (SageMaker's Triton binary form) and
+`application/octet-stream` with `Inference-Header-Content-Length` pass through as binary tensors;
+`text/csv` rows are converted for models with exactly one two-dimensional FP32 input (see csv_codec).
+`Accept`: `text/csv` answers CSV, `application/json` the model's v2 answer; absent or `*/*`, the answer
+takes the request's form (CSV in, CSV out).
+
+Multi-model container API (so the image runs as a bring-your-own container behind SageMaker):
+`GET /ping`; `POST /models {"model_name", "url"}` (200; 409 already loaded; 404 no such url; 507 no memory;
+422 unusable artifact); `GET /models?next_page_token=&max_results=` (registered models, then the store
+models the gateway knows, each with its state; `page_size` is accepted for `max_results`);
+`GET /models/{name}`; `DELETE /models/{name}` (404 when not loaded); `POST /models/{name}/invoke` (the same
+body handling as /invocations; errors keep the gateway's own statuses, which SageMaker wraps itself).
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import logging
 import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.api.forward import forward_infer
+from gateway.api.csv_codec import CSV_MEDIA_TYPE, CsvError, csv_input, encode_answer, encode_request, parse_rows
 from gateway.api.views import describe
 from gateway.app import Gateway
-from gateway.errors import InvalidModelKey
+from gateway.errors import (
+    GatewayError,
+    InsufficientMemory,
+    InvalidArtifact,
+    InvalidModelKey,
+    InvalidRequest,
+    InvalidRequestBody,
+    ModelAlreadyExists,
+    ModelBusy,
+    ModelLoadFailed,
+    ModelNotFound,
+    ModelNotReady,
+    StoreUnavailable,
+    Throttled,
+    TritonUnavailable,
+)
+from gateway.manager import ModelRecord, State
+
+log = logging.getLogger(__name__)
 
 TARGET_MODEL_HEADER = "x-amzn-sagemaker-target-model"
+CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
+VARIANT_HEADER = "X-Amzn-Invoked-Production-Variant"
+VARIANT = "AllTraffic"
+JSON_MEDIA_TYPE = "application/json"
+TRITON_BINARY_MEDIA_TYPE = "application/vnd.sagemaker-triton.binary+json"
+OCTET_MEDIA_TYPE = "application/octet-stream"
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+_METADATA_CACHE_SIZE = 1024
+
+
+# -- the runtime error shape ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SageMakerError:
+    """One SageMaker runtime error: botocore's code, the HTTP status, and the ModelError extras."""
+
+    code: str
+    status: int
+    message: str
+    gateway_code: str
+    original_status: int | None = None
+    original_message: str | None = None
+    retry_after: bool = False
+
+
+def runtime_error(exc: GatewayError, key: str | None = None) -> SageMakerError:
+    """Map a gateway error to the SageMaker runtime error botocore raises for it (table in the module doc)."""
+    if isinstance(exc, ModelNotFound):  # SageMaker's words for a TargetModel with no object behind it
+        message = f"Failed to download model data for TargetModel {key!r}: {exc.message}" if key else exc.message
+        return SageMakerError("ValidationError", 400, message, exc.code)
+    if isinstance(exc, (InvalidModelKey, InvalidRequestBody, InvalidRequest, ModelAlreadyExists)):
+        return SageMakerError("ValidationError", 400, exc.message, exc.code)
+    if isinstance(exc, (InvalidArtifact, ModelLoadFailed, InsufficientMemory)):
+        return SageMakerError("ModelError", 424, exc.message, exc.code, exc.status, exc.message)
+    if isinstance(exc, ModelNotReady):
+        return SageMakerError("ModelNotReadyException", 429, exc.message, exc.code, retry_after=True)
+    if isinstance(exc, Throttled):
+        return SageMakerError("ThrottlingException", 400, exc.message, exc.code)
+    if isinstance(exc, TritonUnavailable):
+        return SageMakerError("ServiceUnavailable", 503, exc.message, exc.code, retry_after=True)
+    if isinstance(exc, StoreUnavailable):
+        return SageMakerError("InternalDependencyException", 530, exc.message, exc.code)
+    return SageMakerError("InternalFailure", 500, exc.message, exc.code)
+
+
+def model_error(key: str, status: int, body: bytes) -> SageMakerError:
+    """Triton answered the inference with an error: SageMaker's ModelError with the original status."""
+    original = _error_text(body)
+    kind = "client" if status < 500 else "server"
+    return SageMakerError("ModelError", 424, f'Received {kind} error ({status}) from model {key!r} with message '
+                         f'"{original}"', "ModelError", status, original)
+
+
+def error_body(err: SageMakerError) -> dict[str, Any]:
+    body: dict[str, Any] = {"__type": err.code, "Message": err.message}
+    if err.original_status is not None:
+        body["OriginalStatusCode"] = err.original_status
+        body["OriginalMessage"] = err.original_message
+    body.update({"code": err.gateway_code, "error": err.message})  # the gateway's own shape, for plain HTTP
+    return body
+
+
+def runtime_response(err: SageMakerError, request_id: str, custom_attributes: str | None) -> Response:
+    headers = {"X-Amzn-ErrorType": err.code, "x-amzn-RequestId": request_id}
+    if err.retry_after:
+        headers["Retry-After"] = "5"
+    if custom_attributes is not None:
+        headers[CUSTOM_ATTRIBUTES_HEADER] = custom_attributes
+    return JSONResponse(error_body(err), status_code=err.status, headers=headers)
+
+
+def _error_text(body: bytes, limit: int = 2000) -> str:
+    try:
+        parsed = json.loads(body)
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
+            return parsed["error"][:limit]
+    except ValueError:
+        pass
+    return body.decode("utf-8", "replace")[:limit]
+
+
+# -- content negotiation ------------------------------------------------------------------------------
+
+
+def media_type(value: str | None) -> tuple[str, dict[str, str]]:
+    """`text/csv; charset=utf-8` -> ("text/csv", {"charset": "utf-8"})."""
+    if not value:
+        return "", {}
+    kind, *params = value.split(";")
+    parsed = {}
+    for param in params:
+        name, _, val = param.partition("=")
+        if name.strip():
+            parsed[name.strip().lower()] = val.strip().strip('"')
+    return kind.strip().lower(), parsed
+
+
+def request_form(content_type: str | None) -> tuple[str, dict[str, str]]:
+    """"csv", "json" or "binary", with the headers to forward to Triton for a pass-through body."""
+    kind, params = media_type(content_type)
+    if kind == CSV_MEDIA_TYPE:
+        return "csv", {}
+    if kind in ("", JSON_MEDIA_TYPE):
+        return "json", {"Content-Type": JSON_MEDIA_TYPE}
+    if kind == TRITON_BINARY_MEDIA_TYPE:
+        size = params.get("json-header-size", "")
+        if not size.isdigit():
+            raise InvalidRequestBody(f"ContentType {content_type!r} lacks json-header-size=<bytes of the JSON header>")
+        return "binary", {"Content-Type": OCTET_MEDIA_TYPE, "Inference-Header-Content-Length": size}
+    if kind == OCTET_MEDIA_TYPE:
+        return "binary", {"Content-Type": OCTET_MEDIA_TYPE}
+    raise InvalidRequestBody(
+        f"ContentType {content_type!r} is not supported: send application/json (a KServe v2 request), text/csv "
+        f"(rows of numbers for a model with one two-dimensional FP32 input) or {TRITON_BINARY_MEDIA_TYPE};"
+        "json-header-size=N"
+    )
+
+
+def answer_form(accept: str | None, request: str) -> str:
+    """What to answer: "csv", or "asis" (Triton's own answer); the request's form when Accept allows any."""
+    default = "csv" if request == "csv" else "asis"
+    if not accept:
+        return default
+    ranked = []
+    for pos, item in enumerate(accept.split(",")):
+        kind, params = media_type(item)
+        try:
+            q = float(params.get("q", "1"))
+        except ValueError:
+            q = 1.0
+        if kind and q > 0:
+            ranked.append((-q, pos, kind))
+    for _, _, kind in sorted(ranked):
+        if kind in ("*/*", "*"):
+            return default
+        if kind in (CSV_MEDIA_TYPE, "text/*"):
+            return "csv"
+        if kind in (JSON_MEDIA_TYPE, TRITON_BINARY_MEDIA_TYPE, OCTET_MEDIA_TYPE, "application/*"):
+            return "asis"
+    raise InvalidRequestBody(f"Accept {accept!r} names no type this gateway answers: text/csv or application/json")
+
+
+# -- the shared invocation path ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes
+    content_type: str
+
+
+class Invoker:
+    """Lease the model, convert the body when it is CSV, forward it to Triton, convert the answer back."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self._metadata: OrderedDict[tuple[str, str | None], dict[str, Any]] = OrderedDict()
+
+    async def invoke(self, key: str, body: bytes, request_headers: Mapping[str, str], protocol: str) -> Answer:
+        """Triton's answer for `key`; a status >= 400 is the model's own error (the caller shapes it)."""
+        status = 500
+        try:
+            form, headers = request_form(request_headers.get("content-type"))
+            wanted = answer_form(request_headers.get("accept"), form)
+            encoding = request_headers.get("content-encoding")
+            if form == "csv" and encoding and encoding.lower() != "identity":
+                raise InvalidRequestBody(f"text/csv bodies must not be compressed (Content-Encoding {encoding!r})")
+            if form != "csv":  # pass-through: what Triton needs to read the body as the client sent it
+                for name in ("inference-header-content-length", "content-encoding"):
+                    if name in request_headers and name not in {h.lower() for h in headers}:
+                        headers[name] = request_headers[name]
+            async with self.gw.manager.lease(key) as rec:
+                if form == "csv":
+                    metadata = await self._model_metadata(rec)
+                    if isinstance(metadata, Answer):
+                        status = metadata.status
+                        return metadata
+                    try:
+                        spec = csv_input(metadata)
+                        rows = parse_rows(body, spec.columns, spec.rows)
+                    except CsvError as exc:
+                        raise InvalidRequestBody(f"TargetModel {key!r}: {exc}") from None
+                    body, headers = encode_request(spec, rows)
+                forwarded = await self.gw.proxy.request("POST", f"/v2/models/{rec.name}/infer", body, headers)
+            status = forwarded.status
+            return self._answer(key, forwarded.status, forwarded.body, forwarded.headers, wanted)
+        except GatewayError as exc:
+            status = exc.status
+            raise
+        finally:
+            self.gw.metrics.requests.labels(protocol=protocol, status=str(status)).inc()
+
+    def _answer(self, key: str, status: int, body: bytes, headers: dict[str, str], wanted: str) -> Answer:
+        content_type = headers.get("content-type", JSON_MEDIA_TYPE)
+        header_size = headers.get("inference-header-content-length")
+        if status >= 400:
+            return Answer(status, body, content_type)
+        if wanted == "csv":
+            if header_size is not None:
+                raise InvalidRequestBody(
+                    f"TargetModel {key!r} answered binary tensors, which cannot be written as CSV: ask for JSON "
+                    "outputs or Accept application/json"
+                )
+            try:
+                return Answer(status, encode_answer(json.loads(body)), CSV_MEDIA_TYPE)
+            except (ValueError, CsvError) as exc:
+                raise InvalidRequestBody(f"TargetModel {key!r}: its answer cannot be written as CSV: {exc}") from None
+        if header_size is not None:  # SageMaker passes no extra headers back: the size rides in the type
+            content_type = f"{TRITON_BINARY_MEDIA_TYPE};json-header-size={header_size}"
+        return Answer(status, body, content_type)
+
+    async def _model_metadata(self, rec: ModelRecord) -> dict[str, Any] | Answer:
+        cache_key = (rec.name, rec.etag)
+        cached = self._metadata.get(cache_key)
+        if cached is not None:
+            self._metadata.move_to_end(cache_key)
+            return cached
+        answer = await self.gw.proxy.request("GET", f"/v2/models/{rec.name}")
+        if answer.status != 200:
+            return Answer(answer.status, answer.body, answer.headers.get("content-type", JSON_MEDIA_TYPE))
+        metadata = json.loads(answer.body)
+        self._metadata[cache_key] = metadata
+        while len(self._metadata) > _METADATA_CACHE_SIZE:
+            self._metadata.popitem(last=False)
+        return metadata
+
+
+# -- routes ------------------------------------------------------------------------------------------------
 
 
 def routes(gw: Gateway) -> list[Route]:
+    invoker = Invoker(gw)
+
     async def invocations(request: Request) -> Response:
+        """The runtime API: every outcome in the shape botocore parses."""
+        request_id = str(uuid.uuid4())
+        custom = request.headers.get(CUSTOM_ATTRIBUTES_HEADER)
         key = request.headers.get(TARGET_MODEL_HEADER)
-        if not key:
-            raise InvalidModelKey(f"missing the {TARGET_MODEL_HEADER} header naming the TargetModel")
-        return await forward_infer(gw, key, await request.body(), request.headers, "sagemaker")
+        try:
+            if not key:
+                raise InvalidModelKey(
+                    "this is a multi-model endpoint: name the model with TargetModel (the "
+                    "X-Amzn-SageMaker-Target-Model header), a key relative to the store prefix"
+                )
+            answer = await invoker.invoke(key, await request.body(), request.headers, "sagemaker")
+        except GatewayError as exc:
+            return runtime_response(runtime_error(exc, key), request_id, custom)
+        except Exception as exc:  # never a bare 500 page: botocore would not know what it was
+            log.exception("sagemaker.unhandled", extra={"model": key})
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            err = SageMakerError("InternalFailure", 500, message, "InternalError")
+            return runtime_response(err, request_id, custom)
+        if answer.status >= 400:
+            assert key is not None
+            return runtime_response(model_error(key, answer.status, answer.body), request_id, custom)
+        headers = {VARIANT_HEADER: VARIANT, "x-amzn-RequestId": request_id}
+        if custom is not None:
+            headers[CUSTOM_ATTRIBUTES_HEADER] = custom
+        return Response(answer.body, status_code=200, headers=headers, media_type=answer.content_type)
 
     async def ping(request: Request) -> Response:
         return JSONResponse({"status": "Healthy" if gw.ready else "Unhealthy"}, status_code=200 if gw.ready else 503)
 
+    # -- the multi-model container API --
+
+    def model_url(rec: ModelRecord, registered: bool) -> str | None:
+        """The `url` a registered model was loaded from; the store object's URL for the store's models."""
+        if registered:
+            path = getattr(rec.source, "path", None)
+            return None if path is None else str(path)
+        return f"{gw.store.url.rstrip('/')}/{rec.model.key}"
+
+    def entry(name: str, rec: ModelRecord, registered: bool, now: float) -> dict[str, Any]:
+        details = {k: v for k, v in describe(rec, now).items() if k != "modelName"}
+        return {"modelName": name, "modelUrl": model_url(rec, registered), "registered": registered, **details}
+
+    def catalogue() -> list[tuple[tuple[str, int], str, ModelRecord, bool]]:
+        """Every model, sorted: registered ones (kind 0) and the store's (kind 1); the sort key pages."""
+        registered = gw.manager.registered()
+        taken = {rec.name for rec in registered.values()}
+        items = [((name, 0), name, rec, True) for name, rec in registered.items()]
+        items += [((rec.model.key, 1), rec.model.key, rec, False)
+                  for rec in gw.manager.records() if rec.name not in taken]
+        return sorted(items, key=lambda item: item[0])
+
+    def lookup(name: str) -> tuple[ModelRecord, bool] | None:
+        """A registered model by name, else a store model the gateway knows by its key."""
+        registered = gw.manager.registered()
+        if name in registered:
+            return registered[name], True
+        taken = {rec.name for rec in registered.values()}
+        store = [rec for rec in gw.manager.records() if rec.model.key == name and rec.name not in taken]
+        return (store[0], False) if store else None
+
     async def list_models(request: Request) -> Response:
+        params = request.query_params
+        size_text = params.get("max_results") or params.get("page_size") or str(DEFAULT_PAGE_SIZE)
+        try:
+            size = int(size_text)
+        except ValueError:
+            raise InvalidRequest(f"max_results {size_text!r} is not an integer") from None
+        if not 1 <= size <= MAX_PAGE_SIZE:
+            raise InvalidRequest(f"max_results must be between 1 and {MAX_PAGE_SIZE}, not {size}")
+        after = _decode_token(params.get("next_page_token"))
+        items = [item for item in catalogue() if after is None or item[0] > after]
+        page, rest = items[:size], items[size:]
         now = time.monotonic()
-        return JSONResponse({"models": [describe(rec, now) for rec in gw.manager.records()]})
+        body: dict[str, Any] = {"models": [entry(name, rec, reg, now) for _, name, rec, reg in page]}
+        if rest:
+            body["nextPageToken"] = _encode_token(page[-1][0])
+        return JSONResponse(body)
+
+    async def load_model(request: Request) -> Response:
+        try:
+            spec = json.loads(await request.body() or b"null")
+        except ValueError as exc:
+            raise InvalidRequest(f"the body is not JSON: {exc}") from None
+        if not isinstance(spec, dict):
+            raise InvalidRequest('the body must be a JSON object {"model_name": ..., "url": ...}')
+        name, url = spec.get("model_name"), spec.get("url")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("model_name is missing or not a string")
+        if not isinstance(url, str) or not url:
+            raise InvalidRequest("url is missing or not a string")
+        path = Path(url.removeprefix("file://"))
+        if not path.exists():
+            raise ModelNotFound(f"model {name!r}: {url} does not exist")
+        rec = await gw.manager.register(name, path)
+        log.info("sagemaker.model_registered", extra={"model": name, "url": url})
+        return JSONResponse(entry(name, rec, True, time.monotonic()))
+
+    async def get_model(request: Request) -> Response:
+        name = request.path_params["name"]
+        found = lookup(name)
+        if found is None:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        return JSONResponse(entry(name, found[0], found[1], time.monotonic()))
+
+    async def delete_model(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name in gw.manager.registered():
+            await gw.manager.deregister(name)
+            return JSONResponse({"modelName": name, "status": "unloaded"})
+        found = lookup(name)
+        if found is None or found[0].state is not State.READY:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        if not await gw.manager.unload(found[0], reason="api"):
+            raise ModelBusy(f"model {name!r} is serving requests or loading; retry shortly")
+        return JSONResponse({"modelName": name, "status": "unloaded"})
+
+    async def invoke_model(request: Request) -> Response:
+        """The container API's invoke: registered names only; errors keep the gateway's statuses."""
+        name = request.path_params["name"]
+        if name not in gw.manager.registered():
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        custom = request.headers.get(CUSTOM_ATTRIBUTES_HEADER)
+        answer = await invoker.invoke(name, await request.body(), request.headers, "sagemaker_container")
+        headers = {CUSTOM_ATTRIBUTES_HEADER: custom} if custom is not None and answer.status < 400 else None
+        return Response(answer.body, status_code=answer.status, headers=headers, media_type=answer.content_type)
 
     return [
         Route("/ping", ping, methods=["GET"]),
         Route("/invocations", invocations, methods=["POST"]),
+        Route("/endpoints/{endpoint}/invocations", invocations, methods=["POST"]),
         Route("/models", list_models, methods=["GET"]),
+        Route("/models", load_model, methods=["POST"]),
+        # `{name:path}` is greedy: the `/invoke` route comes first so a name never swallows the suffix.
+        Route("/models/{name:path}/invoke", invoke_model, methods=["POST"]),
+        Route("/models/{name:path}", get_model, methods=["GET"]),
+        Route("/models/{name:path}", delete_model, methods=["DELETE"]),
     ]
+
+
+def _encode_token(position: tuple[str, int]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(position)).encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str | None) -> tuple[str, int] | None:
+    if not token:
+        return None
+    try:
+        name, kind = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        if not isinstance(name, str) or kind not in (0, 1):
+            raise ValueError(token)
+        return name, kind
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidRequest(f"next_page_token {token!r} is not a token this gateway issued") from None
