@@ -147,6 +147,7 @@ class ModelManager:
         self._registered: dict[str, str] = {}  # container-API model name -> Triton name
         self._slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
         self._measure_lock = asyncio.Lock()  # device-wide deltas are only meaningful one load at a time
+        self._idle = asyncio.Event()  # set when a model's last lease ends: blocked admissions look again
         self._background: set[asyncio.Task[None]] = set()
         metrics.memory_budget.set(config.memory_budget_bytes)
         if staging.budget_bytes is not None:
@@ -204,6 +205,8 @@ class ModelManager:
                 rec.leases -= 1
                 rec.last_used = time.monotonic()
                 self.metrics.in_flight.dec()
+                if rec.leases == 0:
+                    self._idle.set()
                 if not self.config.model_cache_enabled and rec.leases == 0 and rec.source is None:
                     self._spawn(self._evict(rec, reason="cache_disabled", delete=True))
 
@@ -383,13 +386,16 @@ class ModelManager:
             if victims == []:
                 break
             if victims is None:
-                if loop.time() > deadline:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
                     raise InsufficientMemory(
                         f"model {rec.model.key!r} needs {need} bytes ({source.replace('_', ' ')}) but only "
                         f"{budget - self.committed_bytes()} of the {budget}-byte memory budget can be freed: the "
                         "other loaded models are serving requests"
                     )
-                await asyncio.sleep(_POLL_S * 5)
+                self._idle.clear()  # woken the moment some model's last request ends, not by polling
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), timeout=min(remaining, 0.5))
                 continue
             # Reserve only once the victims are gone: used memory, reservations included, never tops the budget.
             await asyncio.gather(*(self._evict(v, reason="memory_pressure", chosen=True) for v in victims))
