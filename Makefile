@@ -5,7 +5,7 @@ PORT ?= 8080
 DEMO ?= .demo
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test unit perf-analyzer demo-store bench clean
+.PHONY: install run test unit perf-analyzer demo-store bench bench-cache bench-overhead clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh scripts/install-perf-analyzer.sh
 	scripts/bootstrap.sh "$(PYTHON)" "$(VENV)"
@@ -27,6 +27,16 @@ test: $(STAMP)
 
 unit: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests/unit
+
+# The short demo benchmark (~5 minutes): starts gateways per profile on the demo store, writes the report.
+bench: demo-store
+	$(VENV)/bin/mme-gateway bench benchmarks/bench-demo.yaml --out bench-results/
+
+bench-cache: $(STAMP)
+	$(VENV)/bin/python benchmarks/cache_policies.py
+
+bench-overhead: $(STAMP)
+	$(VENV)/bin/python benchmarks/overhead.py
 
 clean:
 	rm -rf $(DEMO) .mme-cache .pytest_cache

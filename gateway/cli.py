@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("city")
     model.add_argument("out", help="destination .tar.gz")
     model.set_defaults(func=_demo_model)
+    from gateway.bench.cli import add_bench_arguments, run as _bench
+
+    bench = sub.add_parser("bench", help="benchmark gateways from a config file: latency, cache, cost report")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
