@@ -62,6 +62,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.api.csv_codec import CSV_MEDIA_TYPE, CsvError, csv_input, encode_answer, encode_request, parse_rows
+from gateway.api.forward import restore_model_name
 from gateway.api.views import describe
 from gateway.app import Gateway
 from gateway.errors import (
@@ -272,8 +273,9 @@ class Invoker:
                         raise InvalidRequestBody(f"TargetModel {key!r}: {exc}") from None
                     body, headers = encode_request(spec, rows)
                 forwarded = await self.gw.proxy.request("POST", f"/v2/models/{rec.name}/infer", body, headers)
+                payload, answer_headers = restore_model_name(forwarded, rec.name, key)
             status = forwarded.status
-            return self._answer(key, forwarded.status, forwarded.body, forwarded.headers, wanted)
+            return self._answer(key, forwarded.status, payload, answer_headers, wanted)
         except GatewayError as exc:
             status = exc.status
             raise

@@ -37,6 +37,7 @@ def test_cold_call_stages_and_loads_then_warm_call_skips_both(s3_gateway: Gatewa
     status, answer = infer(s3_gateway, key)
     assert status == 200, answer
     assert_prices(answer, "Chicago_IL", [HOUSE])
+    assert answer["model_name"] == key  # the client's name, not Triton's internal one
 
     downloaded = [e for e in s3_gateway.events("model.downloaded") if e["model"] == key]
     loaded = [e for e in s3_gateway.events("model.loaded") if e["model"] == key]
@@ -187,5 +188,6 @@ def test_tritonclient_binary_tensors_pass_through(s3_gateway: GatewayProcess) ->
     inp.set_data_from_numpy(houses, binary_data=True)
     out = httpclient.InferRequestedOutput("price", binary_data=True)
     result = client.infer("Chicago_IL.tar.gz", [inp], outputs=[out])
+    assert result.get_response()["model_name"] == "Chicago_IL.tar.gz"
     np.testing.assert_allclose(result.as_numpy("price").ravel(), predict("Chicago_IL", houses).ravel(), rtol=1e-4)
     client.close()
