@@ -198,7 +198,9 @@ class ModelManager:
     async def lease(self, key: str, wait_timeout_s: float | None = None) -> AsyncIterator[ModelRecord]:
         """Make `key` ready (staging and loading it if needed) and hold it loaded while the block runs."""
         model = self._resolve(key)
-        async with self._slot(model):
+        if self._slots is not None:
+            await self._take_slot(model)
+        try:
             rec = await self._acquire(model, self.config.wait_timeout_s if wait_timeout_s is None else wait_timeout_s)
             self.metrics.in_flight.inc()
             try:
@@ -211,13 +213,13 @@ class ModelManager:
                     self._idle.set()
                 if not self.config.model_cache_enabled and rec.leases == 0 and rec.source is None:
                     self._spawn(self._evict(rec, reason="cache_disabled", delete=True))
+        finally:
+            if self._slots is not None:
+                self._slots.release()
 
-    @contextlib.asynccontextmanager
-    async def _slot(self, model: ModelKey) -> AsyncIterator[None]:
+    async def _take_slot(self, model: ModelKey) -> None:
         """The concurrent-invocation cap (the profile's vCPUs): wait for a slot, then 429."""
-        if self._slots is None:
-            yield
-            return
+        assert self._slots is not None
         try:
             await asyncio.wait_for(self._slots.acquire(), timeout=self.config.queue_timeout_s)
         except asyncio.TimeoutError:
@@ -225,10 +227,6 @@ class ModelManager:
                 f"all {self.config.max_concurrency} invocation slots stayed busy for {self.config.queue_timeout_s:.0f}s "
                 f"(model {model.key!r}); retry with backoff"
             ) from None
-        try:
-            yield
-        finally:
-            self._slots.release()
 
     async def ensure_ready(self, key: str, wait_timeout_s: float | None = None) -> ModelRecord:
         """Load `key` without holding it (metadata calls, explicit loads)."""

@@ -60,5 +60,16 @@ class Metrics:
         )
         self.triton_restarts = Counter("mme_triton_restarts", "times the embedded Triton was restarted", registry=r)
 
+        self._request_children: dict[tuple[str, int], Counter] = {}
+
+    def count_request(self, protocol: str, status: int) -> None:
+        """Count one inference request; label children are cached (labels() costs microseconds per call)."""
+        child = self._request_children.get((protocol, status))
+        if child is None:
+            child = self._request_children[(protocol, status)] = self.requests.labels(
+                protocol=protocol, status=str(status)
+            )
+        child.inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -51,4 +51,4 @@ async def forward_infer(
         status = exc.status
         raise
     finally:
-        gw.metrics.requests.labels(protocol=protocol, status=str(status)).inc()
+        gw.metrics.count_request(protocol, status)

@@ -143,7 +143,6 @@ class GrpcEdge:
         self._infer: grpc.aio.UnaryUnaryMultiCallable | None = None
         self._stream: grpc.aio.StreamStreamMultiCallable | None = None
         self._server_metadata: pb.ServerMetadataResponse | None = None
-        self._counters: dict[int, Any] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -244,10 +243,7 @@ class GrpcEdge:
         await context.abort(grpc.StatusCode.INTERNAL, f"internal gateway error: {type(exc).__name__}")
 
     def _count(self, status: int) -> None:
-        counter = self._counters.get(status)
-        if counter is None:
-            counter = self._counters[status] = self.gw.metrics.requests.labels(protocol=PROTOCOL, status=str(status))
-        counter.inc()
+        self.gw.metrics.count_request(PROTOCOL, status)
 
     def _wait_s(self, context: grpc.aio.ServicerContext) -> float:
         """How long to wait for a model to load: the manager's bound, or less if the client's deadline is nearer."""

@@ -280,7 +280,7 @@ class Invoker:
             status = exc.status
             raise
         finally:
-            self.gw.metrics.requests.labels(protocol=protocol, status=str(status)).inc()
+            self.gw.metrics.count_request(protocol, status)
 
     def _answer(self, key: str, status: int, body: bytes, headers: dict[str, str], wanted: str) -> Answer:
         content_type = headers.get("content-type", JSON_MEDIA_TYPE)

@@ -279,3 +279,32 @@ def test_after_triton_dies_the_gateway_restarts_it_and_reloads_from_disk(s3, s3_
         assert gw.metric("mme_disk_tier_hits_total") == 1
     finally:
         gw.stop()
+
+
+def test_invocations_beyond_the_concurrency_cap_queue_then_get_429(s3, s3_endpoint, tmp_path) -> None:
+    config = b'backend: "python"\nmax_batch_size: 0\n' \
+             b'input [{ name: "features" data_type: TYPE_FP32 dims: [-1, 6] }]\n' \
+             b'output [{ name: "total" data_type: TYPE_FP32 dims: [-1, 1] }]\n' \
+             b'instance_group [{ kind: KIND_CPU count: 1 }]\n'
+    code = (b"import time\nimport triton_python_backend_utils as pb\n"
+            b"class TritonPythonModel:\n"
+            b"    def execute(self, requests):\n"
+            b"        time.sleep(1.0)\n"
+            b"        out = []\n"
+            b"        for r in requests:\n"
+            b"            x = pb.get_input_tensor_by_name(r, 'features').as_numpy()\n"
+            b"            out.append(pb.InferenceResponse([pb.Tensor('total', x.sum(axis=1, keepdims=True))]))\n"
+            b"        return out\n")
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/slow.tar.gz", Body=tar_gz({"config.pbtxt": config, "1/model.py": code}))
+    gw = _gateway(s3_endpoint, tmp_path, "--max-concurrency", "1", "--queue-timeout", "0.3")
+    try:
+        gw.wait_ready()
+        assert infer(gw, "slow.tar.gz")[0] == 200  # loaded; each call now takes a second
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            results = list(pool.map(lambda _: infer(gw, "slow.tar.gz"), range(3)))
+        statuses = sorted(status for status, _ in results)
+        assert statuses[0] == 200 and 429 in statuses, results
+        throttled = [answer for status, answer in results if status == 429]
+        assert all(a["code"] == "ThrottlingException" and "slow.tar.gz" in a["error"] for a in throttled)
+    finally:
+        gw.stop()
