@@ -36,6 +36,7 @@ from gateway.errors import (
     InsufficientMemory,
     InvalidArtifact,
     ModelAlreadyExists,
+    ModelBusy,
     ModelLoadFailed,
     ModelNotFound,
     ModelNotReady,
@@ -551,15 +552,19 @@ class ModelManager:
     def registered(self) -> dict[str, ModelRecord]:
         return {name: self._records[t] for name, t in self._registered.items() if t in self._records}
 
-    async def deregister(self, name: str) -> None:
-        """Unload and forget a registered model; ModelNotFound (404) if there is none by that name."""
+    async def deregister(self, name: str, drain_timeout_s: float = 60.0) -> None:
+        """Unload and forget a registered model; ModelNotFound (404) if there is none by that name, ModelBusy
+        (409) if its requests do not finish within `drain_timeout_s` (it stays registered then)."""
         triton_name = self._registered.get(name)
         rec = self._records.get(triton_name or "")
         if rec is None:
             raise ModelNotFound(f"model {name!r} is not loaded")
-        self._registered.pop(name, None)
+        deadline = asyncio.get_running_loop().time() + drain_timeout_s
         while rec.leases > 0 or (rec.pipeline and not rec.pipeline.done()) or rec.state is State.UNLOADING:
+            if asyncio.get_running_loop().time() > deadline:
+                raise ModelBusy(f"model {name!r} still has requests in flight after {drain_timeout_s:.0f}s")
             await asyncio.sleep(_POLL_S)  # let in-flight requests finish: never cut a request off
+        self._registered.pop(name, None)
         if rec.state is State.READY:
             await self._evict(rec, reason="deleted")
         await asyncio.to_thread(self.staging.remove, rec.name)
