@@ -22,7 +22,11 @@ async def handle_gateway_error(request: Request, exc: Exception) -> JSONResponse
     return error_response(exc)
 
 
-async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+def unexpected_response(path: str, exc: Exception) -> JSONResponse:
     """Last line of defence: log with the stack, answer 500, keep serving."""
-    log.exception("http.unhandled", extra={"path": request.url.path})
+    log.error("http.unhandled", extra={"path": path}, exc_info=exc)
     return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return unexpected_response(request.url.path, exc)

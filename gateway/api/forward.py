@@ -35,10 +35,10 @@ def restore_model_name(answer: Forwarded, triton_name: str, key: str) -> tuple[b
     return head + answer.body[n:], {**answer.headers, _HEADER_LENGTH: str(len(head))}
 
 
-async def forward_infer(
+async def infer(
     gw: Gateway, key: str, body: bytes, headers: Mapping[str, str], protocol: str, version: str | None = None
-) -> Response:
-    """POST `body` to Triton's infer endpoint for `key` while holding a lease on it."""
+) -> tuple[int, bytes, dict[str, str]]:
+    """POST `body` to Triton's infer endpoint for `key` while holding a lease on it: (status, body, headers)."""
     status = 500
     try:
         async with gw.manager.lease(key) as rec:
@@ -46,9 +46,17 @@ async def forward_infer(
             answer = await gw.proxy.request("POST", path, body, headers)
             status = answer.status
             payload, out_headers = restore_model_name(answer, rec.name, key)
-            return Response(payload, status_code=answer.status, headers=out_headers)
+            return answer.status, payload, out_headers
     except GatewayError as exc:
         status = exc.status
         raise
     finally:
         gw.metrics.count_request(protocol, status)
+
+
+async def forward_infer(
+    gw: Gateway, key: str, body: bytes, headers: Mapping[str, str], protocol: str, version: str | None = None
+) -> Response:
+    """`infer` as a Starlette response."""
+    status, payload, out_headers = await infer(gw, key, body, headers, protocol, version)
+    return Response(payload, status_code=status, headers=out_headers)

@@ -9,12 +9,13 @@ from starlette.applications import Starlette
 
 from gateway.api import kserve_http, ops, sagemaker
 from gateway.api.errors import handle_gateway_error, handle_unexpected
+from gateway.api.fastpath import InferFastPath
 from gateway.api.grpc_server import GrpcEdge
 from gateway.app import Gateway
 from gateway.errors import GatewayError
 
 
-def build_app(gw: Gateway) -> Starlette:
+def build_app(gw: Gateway) -> InferFastPath:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         """Start the gateway, then its gRPC edge (it forwards to Triton, so Triton must be up first); stop the
@@ -31,8 +32,9 @@ def build_app(gw: Gateway) -> Starlette:
                 await edge.stop()  # in-flight calls get a short grace, then are cancelled
             await gw.stop()
 
-    return Starlette(
+    app = Starlette(
         routes=[*ops.routes(gw), *sagemaker.routes(gw), *kserve_http.routes(gw)],
         lifespan=lifespan,
         exception_handlers={GatewayError: handle_gateway_error, Exception: handle_unexpected},
     )
+    return InferFastPath(app, gw)

@@ -1,0 +1,65 @@
+"""The hot path in raw ASGI: `POST /v2/models/{TargetModel}[/versions/{v}]/infer` skips Starlette.
+
+Inference is nearly every request a gateway sees, and Starlette's routing (a regex per route), middleware
+stack and Request/Response objects cost more CPU per call than the lease and the forwarding themselves.
+This shim answers exactly what the KServe infer routes answer, errors included, and hands every other
+request to the Starlette app unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from gateway.api.errors import error_response, unexpected_response
+from gateway.api.forward import infer
+from gateway.app import Gateway
+from gateway.errors import GatewayError
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_PREFIX, _SUFFIX, _VERSIONS = "/v2/models/", "/infer", "/versions/"
+
+
+def parse_infer_path(path: str) -> tuple[str, str | None] | None:
+    """(TargetModel, version or None) for an infer path, None for anything else."""
+    if not (path.startswith(_PREFIX) and path.endswith(_SUFFIX)):
+        return None
+    model = path[len(_PREFIX) : -len(_SUFFIX)]
+    head, sep, version = model.rpartition(_VERSIONS)
+    if sep and head and version and "/" not in version:
+        return head, version
+    return (model, None) if model else None
+
+
+class InferFastPath:
+    def __init__(self, app: ASGIApp, gw: Gateway) -> None:
+        self.app = app
+        self.gw = gw
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        target = parse_infer_path(scope["path"])
+        if target is None:
+            return await self.app(scope, receive, send)
+        key, version = target
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            status, body, out = await infer(self.gw, key, b"".join(chunks), headers, "kserve_http", version)
+        except GatewayError as exc:  # errors are rare: the Starlette app's own answers, as ASGI apps
+            return await error_response(exc)(scope, receive, send)
+        except Exception as exc:
+            return await unexpected_response(scope["path"], exc)(scope, receive, send)
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out.items()]
+        raw.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
