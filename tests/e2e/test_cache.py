@@ -4,7 +4,9 @@ to force eviction (each demo model's stub process measures about 80 MB of RSS)."
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -253,9 +255,6 @@ def test_cache_disabled_unloads_and_deletes_after_each_call(s3, s3_endpoint, tmp
 
 
 def test_after_triton_dies_the_gateway_restarts_it_and_reloads_from_disk(s3, s3_endpoint, tmp_path) -> None:
-    import os
-    import signal
-
     key = "crash/Crash_ZZ.tar.gz"
     s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{key}", Body=city_artifact("Crash_ZZ"))
     gw = _gateway(s3_endpoint, tmp_path)
