@@ -95,6 +95,13 @@ class Throttled(GatewayError):
     code = "ThrottlingException"
 
 
+class MemoryBusy(InsufficientMemory):
+    """The model would fit, but the models holding the memory kept serving requests for the admission
+    wait: a retry soon may succeed (unlike a model larger than the whole budget)."""
+
+    code = "InsufficientMemoryBusy"
+
+
 class StoreUnavailable(GatewayError):
     """The artifact store could not be reached or refused access."""
 

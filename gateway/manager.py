@@ -40,6 +40,7 @@ from gateway.errors import (
     ModelLoadFailed,
     ModelNotFound,
     ModelNotReady,
+    MemoryBusy,
     Throttled,
 )
 from gateway.memory import FootprintLedger, MemoryProbe, find_stub_pids
@@ -283,7 +284,7 @@ class ModelManager:
             if rec.state not in _RESIDENT and rec.source is None:
                 self._records.pop(rec.name, None)
             raise
-        except (InvalidArtifact, ModelLoadFailed, InsufficientMemory) as exc:
+        except (InvalidArtifact, ModelLoadFailed, InsufficientMemory) as exc:  # MemoryBusy included
             if rec.state is State.LOADING or rec.state is State.STAGED:
                 rec.state = State.STAGED if isinstance(exc, InsufficientMemory) else State.FAILED
             elif rec.state is State.STAGING:
@@ -389,7 +390,7 @@ class ModelManager:
             if victims is None:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    raise InsufficientMemory(
+                    raise MemoryBusy(
                         f"model {rec.model.key!r} needs {need} bytes ({source.replace('_', ' ')}) but only "
                         f"{budget - self.committed_bytes()} of the {budget}-byte memory budget can be freed: the "
                         "other loaded models are serving requests"

@@ -16,6 +16,8 @@ the body's `__type`, the text in `Message` (the body also keeps the gateway's ow
                                                                                 after eviction; retrying at
                                                                                 once would not help, so no
                                                                                 automatic SDK retry
+    MemoryBusy (an InsufficientMemory)     ServiceUnavailable           503     it fits, but the loaded models
+                                                                                stayed busy: SDKs retry it
     Triton answered 4xx/5xx to the infer   ModelError (Original = it)   424     SageMaker's "received client/
                                                                                 server error from model"
     ModelNotReady                          ModelNotReadyException       429     still loading: SDKs retry it
@@ -72,6 +74,7 @@ from gateway.errors import (
     InvalidModelKey,
     InvalidRequest,
     InvalidRequestBody,
+    MemoryBusy,
     ModelAlreadyExists,
     ModelBusy,
     ModelLoadFailed,
@@ -120,6 +123,8 @@ def runtime_error(exc: GatewayError, key: str | None = None) -> SageMakerError:
         return SageMakerError("ValidationError", 400, message, exc.code)
     if isinstance(exc, (InvalidModelKey, InvalidRequestBody, InvalidRequest, ModelAlreadyExists)):
         return SageMakerError("ValidationError", 400, exc.message, exc.code)
+    if isinstance(exc, MemoryBusy):  # transient: the SDK retries a 503
+        return SageMakerError("ServiceUnavailable", 503, exc.message, exc.code, retry_after=True)
     if isinstance(exc, (InvalidArtifact, ModelLoadFailed, InsufficientMemory)):
         return SageMakerError("ModelError", 424, exc.message, exc.code, exc.status, exc.message)
     if isinstance(exc, ModelNotReady):

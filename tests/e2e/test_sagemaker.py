@@ -21,6 +21,7 @@ from gateway.demo import onnx_model, predict
 from gateway.errors import (
     GatewayError,
     InsufficientMemory,
+    MemoryBusy,
     InvalidModelKey,
     ModelLoadFailed,
     ModelNotFound,
@@ -211,6 +212,8 @@ ERRORS: list[tuple[GatewayError, str, int]] = [
     (ModelNotFound("model 'x.tar.gz' not found in store s3://b/p"), "ValidationError", 400),
     (ModelLoadFailed("model 'x.tar.gz' failed to load in Triton: boom"), "ModelError", 424),
     (InsufficientMemory("model 'x.tar.gz' needs 9 bytes, more than the whole memory budget"), "ModelError", 424),
+    (MemoryBusy("model 'x.tar.gz' needs 9 bytes but the loaded models are serving requests"),
+     "ServiceUnavailable", 503),
     (ModelNotReady("model 'x.tar.gz' is still loading; retry shortly"), "ModelNotReadyException", 429),
     (Throttled("all 4 invocation slots stayed busy"), "ThrottlingException", 400),
     (TritonUnavailable("Triton did not answer"), "ServiceUnavailable", 503),
