@@ -228,7 +228,7 @@ def test_botocore_raises_the_named_exception_for_every_gateway_error(exc, code, 
     assert (err.code, err.status) == (code, status)
     reply = runtime_response(err, "req-1", "attr=1")
     client = boto3.client("sagemaker-runtime", endpoint_url="http://127.0.0.1:9", region_name="us-east-1",
-                          config=NO_RETRIES)
+                          aws_access_key_id="testing", aws_secret_access_key="testing", config=NO_RETRIES)
     client.meta.events.register(
         "before-send.*", lambda request, **_: AWSResponse(request.url, reply.status_code, dict(reply.headers),
                                                            _Raw(reply.body)))
