@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from typing import Mapping
 
-from starlette.responses import Response
-
 from gateway.app import Gateway
 from gateway.errors import GatewayError
 from gateway.proxy import Forwarded
@@ -53,10 +51,3 @@ async def infer(
     finally:
         gw.metrics.count_request(protocol, status)
 
-
-async def forward_infer(
-    gw: Gateway, key: str, body: bytes, headers: Mapping[str, str], protocol: str, version: str | None = None
-) -> Response:
-    """`infer` as a Starlette response."""
-    status, payload, out_headers = await infer(gw, key, body, headers, protocol, version)
-    return Response(payload, status_code=status, headers=out_headers)

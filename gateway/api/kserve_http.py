@@ -1,6 +1,7 @@
 """KServe v2 over HTTP: `/v2/models/{TargetModel}/...`, the TargetModel being a store key with slashes.
 
-Inference bodies go to Triton untouched. Metadata, config and statistics come from Triton too, with the
+Inference (`POST .../infer`) is served by the raw-ASGI fast path in `fastpath.py`, in front of these routes;
+bodies go to Triton untouched. Metadata, config and statistics come from Triton too, with the
 Triton name swapped back for the TargetModel the client used (perf_analyzer and tritonclient read these
 before inferring, so a metadata or config call on a cold model loads it). The repository extension maps to
 the gateway's own lifecycle: load stages and loads through the manager, unload evicts an idle model.
@@ -16,7 +17,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import gateway
-from gateway.api.forward import forward_infer
 from gateway.app import Gateway
 from gateway.errors import ModelBusy, ModelNotFound
 from gateway.manager import State
@@ -40,11 +40,6 @@ def _renamed(body: bytes, key: str, triton_name: str) -> Any:
 
 def routes(gw: Gateway) -> list[Route]:
     manager, proxy = gw.manager, gw.proxy
-
-    async def infer(request: Request) -> Response:
-        p = request.path_params
-        return await forward_infer(gw, p["model"], await request.body(), request.headers, "kserve_http",
-                                   version=p.get("version"))
 
     async def from_triton(request: Request, suffix: str) -> Response:
         """GET a model resource from Triton after making sure the model is loaded."""
@@ -104,12 +99,10 @@ def routes(gw: Gateway) -> list[Route]:
         Route("/v2/repository/models/{model:path}/load", repository_load, methods=["POST"]),
         Route("/v2/repository/models/{model:path}/unload", repository_unload, methods=["POST"]),
         # Versioned and suffixed routes first: `{model:path}` is greedy and would swallow them.
-        Route(v + "/infer", infer, methods=["POST"]),
         Route(v + "/ready", ready, methods=["GET"]),
         Route(v + "/config", config, methods=["GET"]),
         Route(v + "/stats", stats, methods=["GET"]),
         Route(v, metadata, methods=["GET"]),
-        Route(m + "/infer", infer, methods=["POST"]),
         Route(m + "/ready", ready, methods=["GET"]),
         Route(m + "/config", config, methods=["GET"]),
         Route(m + "/stats", stats, methods=["GET"]),
