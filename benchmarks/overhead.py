@@ -15,7 +15,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,15 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.demo import write_artifact  # noqa: E402
+from gateway.triton.process import free_port  # noqa: E402
 
 PERF_ANALYZER = Path(sys.executable).parent / "perf_analyzer"
 KEY = "Chicago_IL.tar.gz"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:

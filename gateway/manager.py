@@ -577,7 +577,8 @@ class ModelManager:
     async def reconcile(self) -> None:
         """Align records with Triton's index and the disk: at start and after a Triton restart."""
         index = {entry.name: entry for entry in await self.control.index()}
-        for artifact in self.staging.all_staged():
+        on_disk = self.staging.all_staged()
+        for artifact in on_disk:
             name = artifact.triton_name
             rec = self._records.get(name)
             if rec is None:
@@ -598,7 +599,7 @@ class ModelManager:
                 if rec.state is State.READY:
                     self.policy.record_evict(name)
                 rec.state = State.STAGED
-        staged_names = {a.triton_name for a in self.staging.all_staged()}
+        staged_names = {a.triton_name for a in on_disk}
         for name, rec in list(self._records.items()):
             if rec.state in (State.READY, State.STAGED) and name not in staged_names and not rec.leases:
                 self._records.pop(name)

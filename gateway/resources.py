@@ -16,6 +16,7 @@ from pathlib import Path
 from gateway.config import Settings
 from gateway.memory import MemoryProbe
 from gateway.profiles import InstanceProfile, get_profile
+from gateway.staging import dir_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def resolve(settings: Settings, probe: MemoryProbe, cache_dir: Path) -> Resource
     machine_memory = probe.device().total_bytes
     cache_dir.mkdir(parents=True, exist_ok=True)
     disk = shutil.disk_usage(cache_dir)
-    machine_disk = disk.free + _used_by_cache(cache_dir)
+    machine_disk = disk.free + dir_bytes(cache_dir)  # what the cache holds already is ours to budget
     profile: InstanceProfile | None = None
     if settings.instance_type and settings.instance_type != "auto":
         profile = get_profile(settings.instance_type)
@@ -68,6 +69,3 @@ def resolve(settings: Settings, probe: MemoryProbe, cache_dir: Path) -> Resource
     log.info("resources.resolved", extra={**resources.__dict__, "probe": probe.kind})
     return resources
 
-
-def _used_by_cache(cache_dir: Path) -> int:
-    return sum(p.stat().st_size for p in cache_dir.rglob("*") if p.is_file() and not p.is_symlink())

@@ -70,7 +70,8 @@ class _Progress:
             )
 
 
-def _dir_bytes(path: Path) -> int:
+def dir_bytes(path: Path) -> int:
+    """Bytes of the regular files under `path` (links not followed)."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
@@ -197,7 +198,7 @@ class StagingArea:
             triton_name=model.triton_name,
             etag=info.etag,
             artifact_bytes=info.size,
-            disk_bytes=_dir_bytes(target),
+            disk_bytes=dir_bytes(target),
             framework=rendered.framework,
             backend=rendered.backend,
             instance_count=rendered.instance_count,
