@@ -1,21 +1,16 @@
-"""Memory probes and the footprint ledger: how much memory models really take.
+"""Memory probes and process discovery: how much memory the device and given processes really use.
 
-Admission control needs two numbers: how much memory the device has left, and how much a model will take
-once loaded. The first comes from a probe (NVML on a GPU machine, /proc on a CPU-only one). The second is
-only known after a load, by measuring the processes Triton started for the model (its Python-backend stub
-processes); the ledger remembers that measurement per artifact version so the next load of the same
-artifact, even after a restart, is admitted on a measured number rather than a size-times-factor guess.
+Admission control needs two numbers: how much memory the device has left, and how much a model takes once
+loaded. The first comes from a probe (NVML on a GPU machine, /proc on a CPU-only one). The second is only
+known after a load, by measuring the processes Triton started for the model (its Python-backend stub
+processes), which this module finds; `gateway.footprint` does the measuring and `gateway.ledger` remembers.
 
 Everything here reads /proc directly (Linux only) rather than depending on psutil.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -27,7 +22,6 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 _PROC = Path("/proc")
-_LEDGER_VERSION = 1
 
 
 class ProbeUnavailable(RuntimeError):
@@ -55,6 +49,10 @@ class MemoryProbe(Protocol):
 
     def process_bytes(self, pids: Iterable[int]) -> int:
         """Memory these processes use on the device; pids that are gone count 0."""
+        ...
+
+    def per_process(self, pids: Iterable[int]) -> dict[int, int]:
+        """Memory of each of these processes on the device, read in one pass; pids that are gone count 0."""
         ...
 
 
@@ -110,14 +108,15 @@ class HostProbe:
         RSS double-counts pages shared between processes (the Python runtime's libraries); that errs on the
         side of over-estimating a model, which is the safe side for admission.
         """
-        total = 0
+        return sum(self.per_process(pids).values())
+
+    def per_process(self, pids: Iterable[int]) -> dict[int, int]:
+        found: dict[int, int] = {}
         for pid in set(pids):
             text = _read_text(self._proc / str(pid) / "status")
-            if text is None:
-                continue
-            kib = _meminfo_kib(text, "VmRSS")
-            total += (kib or 0) * 1024
-        return total
+            kib = _meminfo_kib(text, "VmRSS") if text is not None else None
+            found[pid] = (kib or 0) * 1024
+        return found
 
 
 # --------------------------------------------------------------------------------------------------- nvml
@@ -182,15 +181,18 @@ class NvmlProbe:
 
     def process_bytes(self, pids: Iterable[int]) -> int:
         """Summed usedGpuMemory of the matching compute processes; None (not reported, e.g. MIG) counts 0."""
-        wanted = set(pids)
-        if not wanted:
-            return 0
+        return sum(self.per_process(pids).values())
+
+    def per_process(self, pids: Iterable[int]) -> dict[int, int]:
+        """One NVML query for all of them, however many models are measured."""
+        found = dict.fromkeys(set(pids), 0)
+        if not found:
+            return found
         nvml, handle = self._ensure()
-        total = 0
         for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid in wanted:
-                total += int(proc.usedGpuMemory or 0)
-        return total
+            if proc.pid in found:
+                found[proc.pid] += int(proc.usedGpuMemory or 0)
+        return found
 
     def close(self) -> None:
         with self._lock:
@@ -322,115 +324,23 @@ def _cmdline(pid: int) -> str | None:
     return raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", errors="surrogateescape")
 
 
-def find_stub_pids(root_pid: int, model_dir_marker: str) -> list[int]:
-    """Descendants of `root_pid` whose command line contains `model_dir_marker`.
+def stub_pids_by_model(root_pid: int, repo: Path) -> dict[str, list[int]]:
+    """Descendants of `root_pid` that serve a model of the repository `repo`, by model directory name.
 
-    A Triton Python-backend stub is started with its model's path on the command line (e.g.
-    `/repo/<model_name>/1/model.py`), so a marker such as `/repo/<model_name>/` picks out one model's stubs.
-    Pass a marker ending in a separator: `/repo/m1` alone would also match `/repo/m10`.
+    A Triton Python-backend stub is started with its model's path on the command line
+    (`<repo>/<model name>/1/model.py`), so one walk of the process tree attributes every stub to its model,
+    however many models are loaded.
     """
-    if not model_dir_marker:
-        raise ValueError("model_dir_marker must not be empty (it would match every descendant)")
-    matches: list[int] = []
+    marker = f"{repo}/"
+    found: dict[str, list[int]] = {}
     for pid in descendant_pids(root_pid):
         cmdline = _cmdline(pid)
-        if cmdline is not None and model_dir_marker in cmdline:
-            matches.append(pid)
-    return matches
-
-
-# ---------------------------------------------------------------------------------------------- ledger
-
-
-class FootprintLedger:
-    """Last measured memory footprint per artifact version, persisted as JSON so estimates survive restarts.
-
-    Keyed by ETag: a new upload of the same model key is a different artifact and may have a different size,
-    so it starts from the fallback estimate again. The recorded footprint is for the model as it was loaded
-    (all its instances). The ledger is advisory: a corrupt file or a failed write is logged and never stops
-    the gateway, since the worst outcome is a size-times-factor guess instead of a measurement.
-
-    File format: {"version": 1, "footprints": {"<etag>": <bytes>, ...}}.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._path = Path(path)
-        self._lock = threading.Lock()  # record() may run from executor threads as well as the event loop
-        self._footprints: dict[str, int] = self._load()
-
-    @property
-    def path(self) -> Path:
-        return self._path
-
-    def _load(self) -> dict[str, int]:
-        try:
-            raw = self._path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            log.warning("footprint ledger %s unreadable (%s); starting empty", self._path, exc)
-            return {}
-        try:
-            doc = json.loads(raw)
-            if not isinstance(doc, dict) or not isinstance(doc.get("footprints"), dict):
-                raise ValueError("expected an object with a 'footprints' object")
-        except ValueError as exc:  # json.JSONDecodeError is a ValueError
-            log.warning("footprint ledger %s is corrupt (%s); ignoring it and starting empty", self._path, exc)
-            return {}
-        footprints: dict[str, int] = {}
-        for etag, value in doc["footprints"].items():
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                footprints[etag] = value
-            else:
-                log.warning("footprint ledger %s: dropping bad entry %r: %r", self._path, etag, value)
-        return footprints
-
-    def get(self, etag: str) -> int | None:
-        with self._lock:
-            return self._footprints.get(etag)
-
-    def record(self, etag: str, footprint_bytes: int) -> None:
-        """Remember a measurement and persist the whole ledger atomically (temp file + os.replace)."""
-        if footprint_bytes < 0:
-            raise ValueError(f"footprint must be >= 0 bytes, got {footprint_bytes}")
-        with self._lock:
-            self._footprints[etag] = int(footprint_bytes)
-            snapshot = dict(self._footprints)
-            try:
-                self._write(snapshot)
-            except OSError as exc:
-                log.warning("footprint ledger %s not saved (%s); the measurement is kept in memory", self._path, exc)
-
-    def _write(self, footprints: dict[str, int]) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"version": _LEDGER_VERSION, "footprints": footprints}, indent=1, sort_keys=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self._path.name}.", suffix=".tmp", dir=self._path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(payload)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self._path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-
-    def estimate(self, etag: str, artifact_bytes: int, factor: float, instances: int = 1) -> tuple[int, str]:
-        """(bytes, source): the measured footprint ("ledger") if we have one, else "size_x_factor":
-        artifact_bytes * factor * instances. Either way at least 1 MiB, so no model is ever admitted as free.
-        """
-        if artifact_bytes < 0 or factor <= 0 or instances < 1:
-            raise ValueError(
-                f"need artifact_bytes >= 0, factor > 0, instances >= 1; got {artifact_bytes}, {factor}, {instances}"
-            )
-        measured = self.get(etag)
-        if measured is not None:
-            return max(measured, MIB), "ledger"
-        return max(math.ceil(artifact_bytes * factor * instances), MIB), "size_x_factor"
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._footprints)
+        if cmdline is None:
+            continue
+        start = cmdline.find(marker)
+        if start < 0:
+            continue
+        name = cmdline[start + len(marker):].split("/", 1)[0].split(" ", 1)[0]
+        if name:
+            found.setdefault(name, []).append(pid)
+    return found

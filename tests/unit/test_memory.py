@@ -1,8 +1,7 @@
-"""Memory probes (host for real, NVML when a GPU is present), process discovery, and the footprint ledger."""
+"""Memory probes (host for real, NVML when a GPU is present) and process discovery."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,14 +16,13 @@ from gateway import memory
 from gateway.memory import (
     MIB,
     DeviceMemory,
-    FootprintLedger,
     HostProbe,
     MemoryProbe,
     NvmlProbe,
     ProbeUnavailable,
     descendant_pids,
     detect_probe,
-    find_stub_pids,
+    stub_pids_by_model,
 )
 
 
@@ -214,88 +212,15 @@ def test_descendant_pids_scan_fallback_agrees(spawn: list[subprocess.Popen[bytes
     assert memory._parent_pid("123 (a) b) c) S 42 1 1") == 42  # comm with spaces and ')'
 
 
-def test_find_stub_pids_matches_on_cmdline(tmp_path: Path, spawn: list[subprocess.Popen[bytes]]) -> None:
+def test_stub_pids_by_model_attributes_each_stub_to_its_model(tmp_path: Path, spawn: list[subprocess.Popen[bytes]]) -> None:
     repo = tmp_path / "repo"
     sleeper = "import time; time.sleep(30)"
     stub_a = subprocess.Popen([sys.executable, "-c", sleeper, str(repo / "model_a" / "1" / "model.py")])
     stub_b = subprocess.Popen([sys.executable, "-c", sleeper, str(repo / "model_b" / "1" / "model.py")])
     stub_a10 = subprocess.Popen([sys.executable, "-c", sleeper, str(repo / "model_a10" / "1" / "model.py")])
-    spawn.extend([stub_a, stub_b, stub_a10])
-    everyone = sorted([stub_a.pid, stub_b.pid, stub_a10.pid])
-    # Between fork and exec a child still shows its parent's cmdline: wait until all three have exec'd.
-    assert _wait_for(lambda: sorted(find_stub_pids(os.getpid(), str(repo))) == everyone)
-    assert find_stub_pids(os.getpid(), f"{repo}/model_a/") == [stub_a.pid]  # not model_a10
-    assert find_stub_pids(os.getpid(), f"{repo}/model_b/1/model.py") == [stub_b.pid]
-    assert find_stub_pids(os.getpid(), f"{repo}/model_c/") == []
-    with pytest.raises(ValueError):
-        find_stub_pids(os.getpid(), "")
-
-
-# ---------------------------------------------------------------------------------------------- ledger
-
-
-def test_ledger_round_trip_across_restart(tmp_path: Path) -> None:
-    path = tmp_path / "state" / "footprints.json"  # parent does not exist yet
-    ledger = FootprintLedger(path)
-    assert ledger.get('"etag-1"') is None and len(ledger) == 0
-    ledger.record('"etag-1"', 300 * MIB)
-    ledger.record("etag-2", 5 * MIB)
-    ledger.record("etag-2", 7 * MIB)  # last measurement wins
-    assert ledger.get('"etag-1"') == 300 * MIB
-
-    reopened = FootprintLedger(path)  # a gateway restart
-    assert reopened.get('"etag-1"') == 300 * MIB
-    assert reopened.get("etag-2") == 7 * MIB
-    assert len(reopened) == 2
-    doc = json.loads(path.read_text())
-    assert doc == {"version": 1, "footprints": {'"etag-1"': 300 * MIB, "etag-2": 7 * MIB}}
-    assert [p.name for p in path.parent.iterdir()] == ["footprints.json"]  # no temp files left behind
-
-
-@pytest.mark.parametrize(
-    "content",
-    ["{not json", "", "[1, 2, 3]", '{"version": 1, "footprints": [1]}', "\x00\x01garbage"],
-)
-def test_ledger_corrupt_file_is_ignored(tmp_path: Path, content: str, caplog: pytest.LogCaptureFixture) -> None:
-    path = tmp_path / "footprints.json"
-    path.write_text(content)
-    ledger = FootprintLedger(path)
-    assert len(ledger) == 0
-    assert "corrupt" in caplog.text
-    ledger.record("e", 2 * MIB)  # and it heals: the next write replaces the corrupt file
-    assert FootprintLedger(path).get("e") == 2 * MIB
-
-
-def test_ledger_drops_bad_entries_keeps_good(tmp_path: Path) -> None:
-    path = tmp_path / "footprints.json"
-    path.write_text(json.dumps({"version": 1, "footprints": {"good": 10 * MIB, "neg": -1, "str": "x", "b": True}}))
-    ledger = FootprintLedger(path)
-    assert ledger.get("good") == 10 * MIB
-    assert len(ledger) == 1
-
-
-def test_ledger_estimate(tmp_path: Path) -> None:
-    ledger = FootprintLedger(tmp_path / "f.json")
-    assert ledger.estimate("new", 100 * MIB, 1.5) == (150 * MIB, "size_x_factor")
-    assert ledger.estimate("new", 100 * MIB, 1.5, instances=2) == (300 * MIB, "size_x_factor")
-    assert ledger.estimate("new", 1000, 2.0) == (MIB, "size_x_factor")  # floor of 1 MiB
-    assert ledger.estimate("new", 0, 2.0) == (MIB, "size_x_factor")
-    ledger.record("known", 123 * MIB)
-    assert ledger.estimate("known", 100 * MIB, 1.5, instances=4) == (123 * MIB, "ledger")
-    ledger.record("tiny", 10)
-    assert ledger.estimate("tiny", 100 * MIB, 1.5) == (MIB, "ledger")
-    with pytest.raises(ValueError):
-        ledger.estimate("x", 1, 0.0)
-    with pytest.raises(ValueError):
-        ledger.estimate("x", 1, 1.0, instances=0)
-    with pytest.raises(ValueError):
-        ledger.record("x", -5)
-
-
-def test_ledger_write_failure_is_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    blocker = tmp_path / "not_a_dir"
-    blocker.write_text("")
-    ledger = FootprintLedger(blocker / "footprints.json")  # parent is a file: every write fails
-    ledger.record("e", 3 * MIB)
-    assert ledger.get("e") == 3 * MIB
-    assert "not saved" in caplog.text
+    other = subprocess.Popen([sys.executable, "-c", sleeper, str(tmp_path / "elsewhere" / "model_a" / "model.py")])
+    spawn.extend([stub_a, stub_b, stub_a10, other])
+    expected = {"model_a": [stub_a.pid], "model_b": [stub_b.pid], "model_a10": [stub_a10.pid]}
+    # Between fork and exec a child still shows its parent's cmdline: wait until all of them have exec'd.
+    assert _wait_for(lambda: stub_pids_by_model(os.getpid(), repo) == expected)
+    assert stub_pids_by_model(os.getpid(), tmp_path / "nothing-here") == {}
