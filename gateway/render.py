@@ -40,7 +40,8 @@ class OnnxBackend(str, Enum):
 @dataclass(frozen=True)
 class RenderOptions:
     onnx_backend: OnnxBackend = OnnxBackend.PYTHON
-    instance_kind: str = "KIND_CPU"
+    instance_kind: str = "KIND_CPU"  # Triton's native backends (see gateway.instance_kind)
+    runner_instance_kind: str = "KIND_CPU"  # the Python-backend ONNX runner
     instance_count: int = 1
     onnx_threads: int = 1
     templates_dir: Path = TEMPLATES_DIR
@@ -53,6 +54,7 @@ class RenderedModel:
     framework: str  # "onnx" | "python" | "other"
     backend: str
     instance_count: int
+    instance_kind: str  # the first instance group's kind: part of the class learned estimates are kept by
 
 
 def _model_root(extracted: Path) -> Path:
@@ -91,10 +93,10 @@ def _io(specs: tuple[TensorSpec, ...], target: object) -> None:
         tensor.dims.extend(spec.dims)
 
 
-def _from_template(template: str, options: RenderOptions, **values: object) -> mc.ModelConfig:
+def _from_template(template: str, options: RenderOptions, kind: str, **values: object) -> mc.ModelConfig:
     path = options.templates_dir / template / "config.pbtxt"
     text = string.Template(path.read_text()).substitute(
-        instance_kind=options.instance_kind,
+        instance_kind=kind,
         instance_count=options.instance_count,
         intra_op_threads=options.onnx_threads,
         **values,
@@ -111,9 +113,12 @@ def _to_python_runner(config: mc.ModelConfig, version: Path, onnx_file: str, opt
     config.backend = "python"
     config.platform = ""
     config.default_model_filename = ""
+    if not config.instance_group:
+        config.instance_group.add(count=options.instance_count)
     for group in config.instance_group:
-        group.kind = mc.ModelInstanceGroup.Kind.KIND_CPU
-        del group.gpus[:]
+        group.kind = mc.ModelInstanceGroup.Kind.Value(options.runner_instance_kind)
+        if options.runner_instance_kind != "KIND_GPU":
+            del group.gpus[:]
     config.parameters["onnx_file"].string_value = onnx_file
     config.parameters["intra_op_threads"].string_value = str(options.onnx_threads)
     shutil.copyfile(RUNNER_SOURCE, version / "model.py")
@@ -131,6 +136,12 @@ def _parse_config(path: Path, key: str) -> mc.ModelConfig:
         return text_format.Parse(path.read_text(), mc.ModelConfig())
     except (text_format.ParseError, UnicodeDecodeError) as exc:
         raise InvalidArtifact(f"artifact {key!r}: config.pbtxt is not a valid Triton model config: {exc}") from None
+
+
+def _kind(config: mc.ModelConfig) -> str:
+    if not config.instance_group:
+        return "KIND_AUTO"
+    return mc.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind)
 
 
 def _instances(config: mc.ModelConfig) -> int:
@@ -159,15 +170,16 @@ def render_model_dir(extracted: Path, name: str, key: str, options: RenderOption
         else:
             framework = "python" if config.backend == "python" else "other"
     elif has_python:
-        config = _from_template("python", options, name=name, model_file="model.py")
+        config = _from_template("python", options, "KIND_CPU", name=name, model_file="model.py")
         framework = "python"
     elif onnx_file:
         signature = read_signature(version / onnx_file, key)
         if options.onnx_backend is OnnxBackend.PYTHON:
-            config = _from_template("onnx_python", options, name=name, model_file=onnx_file)
+            config = _from_template("onnx_python", options, options.runner_instance_kind, name=name,
+                                    model_file=onnx_file)
             shutil.copyfile(RUNNER_SOURCE, version / "model.py")
         else:
-            config = _from_template("onnx", options, name=name, model_file=onnx_file)
+            config = _from_template("onnx", options, options.instance_kind, name=name, model_file=onnx_file)
         _fill_io(config, signature)
         framework = "onnx"
     else:
@@ -178,4 +190,5 @@ def render_model_dir(extracted: Path, name: str, key: str, options: RenderOption
 
     config.name = name
     config_path.write_text(text_format.MessageToString(config))
-    return root, RenderedModel(framework=framework, backend=config.backend or config.platform, instance_count=_instances(config))
+    return root, RenderedModel(framework=framework, backend=config.backend or config.platform,
+                               instance_count=_instances(config), instance_kind=_kind(config))

@@ -49,6 +49,7 @@ class StagedArtifact:
     instance_count: int
     staged_at: float
     download_s: float
+    instance_kind: str = "KIND_CPU"  # absent from metadata written before it was recorded
 
 
 class _Progress:
@@ -202,6 +203,7 @@ class StagingArea:
             framework=rendered.framework,
             backend=rendered.backend,
             instance_count=rendered.instance_count,
+            instance_kind=rendered.instance_kind,
             staged_at=time.time(),
             download_s=download_s,
         )

@@ -1,8 +1,8 @@
 """A generic ONNX runner for Triton's Python backend.
 
 The bundled Triton (the `nvidia-pytriton` wheel) has no onnxruntime backend, so the gateway serves ONNX
-artifacts through this model: one onnxruntime session per model instance, the CUDA execution provider when
-the machine has a GPU and onnxruntime can use it, the CPU provider otherwise. On a full Triton the native
+artifacts through this model: one onnxruntime session per model instance, the CUDA execution provider on a
+KIND_GPU instance, the CPU provider otherwise. On a full Triton the native
 onnxruntime backend serves the same artifact instead (see model_repo_templates/onnx).
 
 The gateway copies this file next to the artifact's `model.onnx` as `<version>/model.py`.
@@ -22,10 +22,11 @@ def _parameter(config: dict, key: str, default: str) -> str:
     return str(config.get("parameters", {}).get(key, {}).get("string_value", default))
 
 
-def _providers(device_id: int) -> list:
-    """CUDA first when onnxruntime has it and a device answers; onnxruntime falls back to CPU by itself."""
+def _providers(instance_kind: str, device_id: int) -> list:
+    """CUDA for a KIND_GPU instance when onnxruntime has it; the gateway renders KIND_GPU only then, and a
+    KIND_CPU instance stays on the CPU even on a GPU machine (`--instance-kind cpu`)."""
     available = ort.get_available_providers()
-    if "CUDAExecutionProvider" in available and os.environ.get("MME_GATEWAY_DISABLE_CUDA") != "1":
+    if instance_kind.upper() == "GPU" and "CUDAExecutionProvider" in available:
         return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
@@ -41,7 +42,8 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(_parameter(config, "intra_op_threads", "1"))
         options.inter_op_num_threads = 1
         device_id = int(args.get("model_instance_device_id", "0") or 0)
-        self.session = ort.InferenceSession(onnx_path, sess_options=options, providers=_providers(device_id))
+        providers = _providers(str(args.get("model_instance_kind", "CPU")), device_id)
+        self.session = ort.InferenceSession(onnx_path, sess_options=options, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output_dtypes = {
