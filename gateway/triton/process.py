@@ -6,13 +6,16 @@ machine with no GPU and no Docker. Three things make it work from a virtual envi
 - the Python backend wants `libtriton_python.so` and the stub for our Python version in one directory;
 - the stub embeds the system libpython and ignores PYTHONPATH, but it finds its interpreter by searching
   PATH for `python3`: with this environment's `bin/` first, the stub picks up the environment's
-  `pyvenv.cfg` and so its site-packages (numpy, onnxruntime) for model code.
+  `pyvenv.cfg` and so its site-packages (numpy, onnxruntime) for model code. That Python backend predates
+  numpy 2 (every answer fails with "output tensor shape does not match size of output"), so Triton is not
+  started beside numpy 2.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -43,6 +46,26 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+
+
+def stub_numpy_problem(numpy_version: str | None) -> str | None:
+    """Why the bundled Python backend cannot run beside this numpy, or None when it can."""
+    if numpy_version is None:
+        return "numpy is not installed in the environment the Python-backend stubs use; install 'numpy<2'"
+    major = numpy_version.split(".", 1)[0]
+    if major.isdigit() and int(major) >= 2:
+        return (f"numpy {numpy_version} is installed in the environment the Python-backend stubs use ({sys.prefix}), "
+                "but the bundled Triton's Python backend needs numpy 1.x (with numpy 2 every answer fails with "
+                "'output tensor shape does not match size of output'); install 'numpy<2', for example "
+                f"{sys.prefix}/bin/pip install 'numpy>=1.24,<2'")
+    return None
+
+
+def _installed_numpy() -> str | None:
+    try:
+        return importlib.metadata.version("numpy")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 @dataclass
@@ -145,6 +168,9 @@ class TritonProcess:
 
     def start(self) -> None:
         """Spawn tritonserver (returns at once; `wait_ready` bounds the start)."""
+        problem = stub_numpy_problem(_installed_numpy())
+        if problem:
+            raise RuntimeError(problem)
         self.config.work_dir.mkdir(parents=True, exist_ok=True)
         self.config.model_repository.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
