@@ -9,7 +9,10 @@ import logging
 from gateway.config import Settings
 from gateway.extract import ExtractLimits
 from gateway.manager import ManagerConfig, ModelManager
-from gateway.memory import FootprintLedger, detect_probe
+from gateway.footprint import TritonMeter
+from gateway.instance_kind import resolve_instance_kinds
+from gateway.ledger import FootprintLedger
+from gateway.memory import detect_probe
 from gateway.metrics import Metrics
 from gateway.policy import make_policy
 from gateway.proxy import TritonProxy
@@ -32,13 +35,16 @@ class Gateway:
         self.settings = settings
         self.metrics = Metrics()
         self.store = open_store(settings.store, settings.s3_endpoint_url, settings.s3_region)
+        self.probe = detect_probe(settings.memory_probe)
+        kinds = resolve_instance_kinds(settings.instance_kind, gpu_present=self.probe.kind == "nvml")
         render = RenderOptions(
             onnx_backend=settings.resolved_onnx_backend(),
+            instance_kind=kinds.native,
+            runner_instance_kind=kinds.runner,
             instance_count=settings.instance_count,
             onnx_threads=settings.onnx_threads,
         )
         limits = ExtractLimits(max_total_bytes=settings.max_artifact_bytes, max_files=settings.max_artifact_files)
-        self.probe = detect_probe(settings.memory_probe)
         self.resources = resolve(settings, self.probe, settings.cache_dir)
         self.staging = StagingArea(settings.cache_dir, self.store, render, limits, self.resources.disk_budget_bytes)
         self.triton: TritonProcess | None = None
@@ -64,6 +70,7 @@ class Gateway:
             self.metrics,
             policy=make_policy(settings.eviction_policy),
             probe=self.probe,
+            meter=TritonMeter(self.probe, self._triton_pid if self.triton else None, self.staging.repo),
             ledger=FootprintLedger(settings.cache_dir / "footprints.json"),
             config=ManagerConfig(
                 wait_timeout_s=settings.wait_timeout_s,
@@ -74,10 +81,15 @@ class Gateway:
                 model_cache_enabled=settings.model_cache == "enabled",
                 max_concurrency=self.resources.max_concurrency,
                 queue_timeout_s=settings.queue_timeout_s,
+                admission_wait_s=settings.admission_wait_s,
+                max_concurrent_loads=settings.max_concurrent_loads,
+                min_residency_s=settings.min_residency_s,
+                device_reserve_bytes=settings.device_reserve_bytes,
+                remeasure_interval_s=settings.remeasure_interval_s,
             ),
-            triton_pid=self._triton_pid if self.triton else None,
         )
         self._watcher: asyncio.Task[None] | None = None
+        self._memory_watch: asyncio.Task[None] | None = None
         self.ready = False
 
     def _triton_pid(self) -> int | None:
@@ -93,6 +105,8 @@ class Gateway:
         await self.manager.reconcile()
         if self.triton:
             self._watcher = asyncio.create_task(self._watch_triton(), name="triton-watch")
+        if self.settings.remeasure_interval_s > 0:
+            self._memory_watch = asyncio.create_task(self.manager.watch_memory(), name="memory-watch")
         self.ready = True
         log.info("gateway.started", extra={"store": self.store.url, "cache_dir": str(self.settings.cache_dir)})
 
@@ -125,10 +139,11 @@ class Gateway:
 
     async def stop(self) -> None:
         self.ready = False
-        if self._watcher:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._memory_watch):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.proxy.close()
         await self.control.close()
         if self.triton:

@@ -46,6 +46,12 @@ class Settings:
     max_concurrency: int | None = None  # concurrent invocations (default: the profile's vCPUs; none if no profile)
     queue_timeout_s: float = 10.0  # how long an invocation waits for a slot before 429
     size_factor: float = 2.0  # footprint estimate = artifact bytes x factor + overhead, per instance
+    max_concurrent_loads: int = 2
+    admission_wait_s: float = 10.0
+    min_residency_s: float = 2.0
+    device_reserve_bytes: int = 256 << 20
+    remeasure_interval_s: float = 2.0
+    instance_kind: str = "auto"  # auto | cpu | gpu
     instance_overhead_bytes: int = 96 << 20  # a Python-backend stub process costs this much on its own
     log_level: str = "info"
 
@@ -106,6 +112,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     opt("queue-timeout", 10.0, "seconds an invocation waits for a concurrency slot before 429", type=float)
     opt("size-factor", 2.0, "footprint estimate: artifact bytes x this, plus the instance overhead", type=float)
     opt("instance-overhead-bytes", 96 << 20, "footprint estimate: memory of one model instance on its own", type=int)
+    opt("max-concurrent-loads", 2, "models loaded into Triton at the same time; further loads wait for a slot",
+        type=int)
+    opt("admission-wait", 10.0, "seconds a load waits for busy models to free memory before 503 (retry)", type=float)
+    opt("min-residency", 2.0, "seconds a newly loaded model is evicted only if nothing else can go", type=float)
+    opt("device-reserve-bytes", 256 << 20, "device memory (GPU, or host RAM without one) never promised to a model",
+        type=int)
+    opt("remeasure-interval", 2.0, "seconds between background measurements of loaded models (0: off)", type=float)
+    opt("instance-kind", "auto", "where rendered models run: auto (GPU when NVML sees one), cpu or gpu",
+        choices=["auto", "cpu", "gpu"])
     opt("log-level", "info", "debug, info, warning or error")
 
 
@@ -114,6 +129,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise SystemExit("--store (or MME_STORE) is required: a directory or s3://bucket/prefix")
     if bool(args.triton_http_url) != bool(args.triton_grpc_url):
         raise SystemExit("--triton-http-url and --triton-grpc-url go together")
+    if int(args.max_concurrent_loads) < 1:
+        raise SystemExit("--max-concurrent-loads must be at least 1")
     return Settings(
         store=args.store,
         cache_dir=Path(args.cache_dir).resolve(),
@@ -146,5 +163,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         queue_timeout_s=float(args.queue_timeout),
         size_factor=float(args.size_factor),
         instance_overhead_bytes=int(args.instance_overhead_bytes),
+        max_concurrent_loads=int(args.max_concurrent_loads),
+        admission_wait_s=float(args.admission_wait),
+        min_residency_s=float(args.min_residency),
+        device_reserve_bytes=int(args.device_reserve_bytes),
+        remeasure_interval_s=float(args.remeasure_interval),
+        instance_kind=args.instance_kind,
         log_level=args.log_level,
     )

@@ -95,11 +95,13 @@ class Throttled(GatewayError):
     code = "ThrottlingException"
 
 
-class MemoryBusy(InsufficientMemory):
-    """The model would fit, but the models holding the memory kept serving requests for the admission
-    wait: a retry soon may succeed (unlike a model larger than the whole budget)."""
+class MemoryBusy(GatewayError):
+    """The model would fit, but the models holding the memory kept serving requests (or loading) for the
+    admission wait: a retry soon succeeds. 503 with Retry-After on every protocol, because clients retry a
+    503 and do not retry a 507, which means only "this model can never fit"."""
 
-    code = "InsufficientMemoryBusy"
+    status = 503
+    code = "MemoryBusy"
 
 
 class StoreUnavailable(GatewayError):

@@ -9,12 +9,16 @@ per ETag so a bad artifact is refused at once until it is replaced in the store)
   background, as SageMaker does, and gets "not ready yet, retry".
 - Leases: every request holds a lease on its model for its whole duration; a model with leases is never
   unloaded, so no request ever races an eviction (Seldon retries on 404 instead).
-- Memory is measured, not guessed (ModelMesh's size x 1.25 is its users' top complaint): before a load the
-  footprint is estimated from the ledger of past measurements (else artifact size x factor + per-instance
-  overhead), idle models are evicted by the policy until the estimate fits, and after the load the real
-  footprint is measured and written back to the ledger. An unloading model's memory counts as used until
-  Triton's index no longer shows it (ModelMesh evicted nearly everything while unloads were pending,
-  modelmesh-serving #455).
+- The memory budget holds, because it is enforced on measurements (ModelMesh's size x 1.25 is its users'
+  top complaint): a load reserves its estimate (the ledger's measurement of that artifact, else what was
+  learned for its class, else artifact size x factor) before it starts, within the budget and the device's
+  real free memory; idle models are evicted by the policy to make room. After the load the footprint is
+  measured, and an overshoot evicts at once; loaded models are re-measured in the background and growth is
+  enforced the same way. Loads run at most `max_concurrent_loads` at a time, the first of an unmeasured
+  class alone. A real out-of-memory load failure evicts one idle model per retry. An unloading model's
+  memory counts as used until Triton's index no longer shows it (modelmesh-serving #455).
+- A load finished for waiting callers is theirs first: a model with callers waiting on its pipeline is
+  never a victim, and a model younger than `min_residency_s` goes only when nothing else can.
 - Triton's own index is the ground truth for what is loaded: it is reconciled at start and after Triton
   restarts.
 """
@@ -29,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 from gateway.errors import (
     GatewayError,
@@ -43,7 +47,9 @@ from gateway.errors import (
     MemoryBusy,
     Throttled,
 )
-from gateway.memory import FootprintLedger, MemoryProbe, find_stub_pids
+from gateway.footprint import Meter
+from gateway.ledger import Estimate, FootprintLedger
+from gateway.memory import MemoryProbe
 from gateway.metrics import Metrics
 from gateway.naming import ModelKey, model_key
 from gateway.policy import EvictionPolicy
@@ -92,6 +98,11 @@ class ModelRecord:
     hits: int = 0
     misses: int = 0
     last_used: float = 0.0
+    loaded_at: float = 0.0  # monotonic time the current load finished
+    waiters: int = 0  # callers awaiting this model's pipeline: a model they wait for is not a victim
+    served_since_load: int = 0
+    model_class: str = ""  # backend/framework/instance kind: what learned estimates are kept by
+    instances: int = 1
     checked_at: float = 0.0  # monotonic time of the last store HEAD that confirmed `etag`
     download_s: float | None = None
     load_s: float | None = None
@@ -114,11 +125,19 @@ class ManagerConfig:
     model_cache_enabled: bool = True  # SageMaker's ModelCacheSetting
     max_concurrency: int | None = None
     queue_timeout_s: float = 10.0
-    admission_wait_s: float = 10.0  # how long a load waits for busy models to go idle before 507
+    admission_wait_s: float = 10.0  # how long a load waits for busy models to go idle before 503 (retry)
+    max_concurrent_loads: int = 2
+    min_residency_s: float = 2.0  # a younger model is evicted only when nothing else can go
+    device_check: bool = True  # also fit the device's real free memory (NVML, or the host's MemAvailable)
+    device_reserve_bytes: int = 256 << 20  # device memory never promised to a model
+    remeasure_interval_s: float = 2.0
+    growth_tolerance_bytes: int = 8 << 20  # growth below max(this, growth_tolerance x footprint) is noise
+    growth_tolerance: float = 0.05
 
 
-TritonPid = Callable[[], "int | None"]
-"""The embedded tritonserver's pid now (it changes on restart); not given when Triton runs elsewhere."""
+def model_class(staged: StagedArtifact) -> str:
+    """What learned estimates are kept by: models of one backend, framework and instance kind."""
+    return f"{staged.backend}/{staged.framework}/{staged.instance_kind}"
 
 
 class ModelManager:
@@ -132,9 +151,9 @@ class ModelManager:
         metrics: Metrics,
         policy: EvictionPolicy,
         probe: MemoryProbe,
+        meter: Meter,
         ledger: FootprintLedger,
         config: ManagerConfig = ManagerConfig(),
-        triton_pid: TritonPid | None = None,
     ) -> None:
         self.store = store
         self.staging = staging
@@ -142,13 +161,17 @@ class ModelManager:
         self.metrics = metrics
         self.policy = policy
         self.probe = probe
+        self.meter = meter
         self.ledger = ledger
         self.config = config
-        self._triton_pid = triton_pid
         self._records: dict[str, ModelRecord] = {}
         self._registered: dict[str, str] = {}  # container-API model name -> Triton name
         self._slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
         self._measure_lock = asyncio.Lock()  # device-wide deltas are only meaningful one load at a time
+        self._load_slots = asyncio.Semaphore(max(config.max_concurrent_loads, 1))
+        self._loads_in_flight = 0
+        self._first_of_class = asyncio.Lock()
+        self._probed_classes: set[str] = set()
         self._idle = asyncio.Event()  # set when a model's last lease ends: blocked admissions look again
         self._hit = metrics.cache_requests.labels(result="hit")  # labels() costs microseconds per request
         self._miss = metrics.cache_requests.labels(result="miss")
@@ -193,6 +216,8 @@ class ModelManager:
         self.metrics.loaded_models.set(sum(1 for r in self._records.values() if r.state is State.READY))
         self.metrics.memory_used.set(self.committed_bytes())
         self.metrics.disk_used.set(self.staging.used_bytes())
+        with contextlib.suppress(Exception):  # a probe hiccup must not break a load or an eviction
+            self.metrics.device_memory_used.set(self.probe.device().used_bytes)
 
     # -- the request path --------------------------------------------------------------------------------
 
@@ -248,6 +273,7 @@ class ModelManager:
         while True:
             if rec.state is State.READY and (confirmed or not self._stale(rec)):
                 rec.leases += 1  # no await between the check and the increment: eviction cannot slip in
+                rec.served_since_load += 1
                 (self._hit if hit else self._miss).inc()
                 if hit:
                     rec.hits += 1
@@ -263,6 +289,7 @@ class ModelManager:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise ModelNotReady(f"model {model.key!r} is still loading; retry shortly")
+            rec.waiters += 1  # the load is this caller's first: no eviction until it has taken its lease
             try:
                 await asyncio.wait_for(asyncio.shield(task), timeout=remaining)
             except asyncio.TimeoutError:
@@ -270,6 +297,8 @@ class ModelManager:
                     f"model {model.key!r} is not ready after {wait_timeout_s:.0f}s (state {rec.state.value}); "
                     "it keeps loading in the background, retry shortly"
                 ) from None
+            finally:
+                rec.waiters -= 1  # and the lease is taken at the top of the loop with no await in between
             confirmed = True
 
     def _stale(self, rec: ModelRecord) -> bool:
@@ -284,9 +313,10 @@ class ModelManager:
             if rec.state not in _RESIDENT and rec.source is None:
                 self._records.pop(rec.name, None)
             raise
-        except (InvalidArtifact, ModelLoadFailed, InsufficientMemory) as exc:  # MemoryBusy included
+        except (InvalidArtifact, ModelLoadFailed, InsufficientMemory, MemoryBusy) as exc:
             if rec.state is State.LOADING or rec.state is State.STAGED:
-                rec.state = State.STAGED if isinstance(exc, InsufficientMemory) else State.FAILED
+                # No room is not a broken artifact: a 507 is refused again from the ledger's measurement
+                rec.state = State.STAGED if isinstance(exc, (InsufficientMemory, MemoryBusy)) else State.FAILED
             elif rec.state is State.STAGING:
                 rec.state = State.FAILED
             rec.error = exc
@@ -343,130 +373,178 @@ class ModelManager:
 
     # -- admission and loading ------------------------------------------------------------------------------
 
-    def _estimate(self, rec: ModelRecord, staged: StagedArtifact) -> tuple[int, str]:
-        measured = self.ledger.get(staged.etag)
-        if measured is not None:
-            return measured, "ledger"
+    def _estimate(self, staged: StagedArtifact) -> Estimate:
         per_instance = int(staged.artifact_bytes * self.config.size_factor) + self.config.instance_overhead_bytes
-        return per_instance * max(staged.instance_count, 1), "size_x_factor"
+        return self.ledger.estimate(staged.etag, model_class(staged), staged.instance_count, per_instance,
+                                    ceiling=self.memory_budget_bytes)
 
-    def _choose_victims(self, rec: ModelRecord, need: int) -> list[ModelRecord] | None:
-        """Idle ready models to unload so that `need` fits; None if even all of them would not do.
-        Synchronous on purpose: no other coroutine runs between the choice and the state change."""
-        free = self.memory_budget_bytes - self.committed_bytes()
-        if need <= free:
-            return []
+    def _device_room(self, rec: ModelRecord) -> int | None:
+        """Bytes the device itself can still give this load: its free memory less the reserve and less what
+        other loads in flight reserved but have not allocated yet. None when the probe cannot say."""
+        if not self.config.device_check:
+            return None
+        try:
+            free = self.probe.device().free_bytes
+        except Exception as exc:  # a probe hiccup must not stop loads: the budget still holds
+            log.warning("memory.device_unreadable", extra={"error": str(exc)})
+            return None
+        pending = sum(r.footprint_bytes for r in self._records.values()
+                      if r.state is State.LOADING and r is not rec and r.footprint_source != "measured")
+        return free - self.config.device_reserve_bytes - pending
+
+    def _idle_victims(self, rec: ModelRecord | None) -> list[ModelRecord]:
+        """Models that may be unloaded now, best first: the policy's order, models younger than the minimum
+        residency last (ModelMesh's churn guard). A model with callers waiting on its load is theirs first."""
         idle = {
             r.name: r for r in self._records.values()
-            if r.state is State.READY and r.leases == 0 and r is not rec and (r.pipeline is None or r.pipeline.done())
+            if r.state is State.READY and r.leases == 0 and r.waiters == 0 and r is not rec
+            and (r.pipeline is None or r.pipeline.done())
         }
+        ordered = [idle[name] for name in self.policy.victims(list(idle))]
+        young_after = time.monotonic() - self.config.min_residency_s
+        return [r for r in ordered if r.loaded_at <= young_after] + [r for r in ordered if r.loaded_at > young_after]
+
+    def _choose_victims(self, rec: ModelRecord | None, shortfall: int) -> list[ModelRecord] | None:
+        """Idle models whose memory covers `shortfall` bytes, marked UNLOADING; [] if nothing is short, None
+        if even all idle models would not do. Synchronous on purpose: nothing runs between choice and mark."""
+        if shortfall <= 0:
+            return []
         chosen: list[ModelRecord] = []
-        for name in self.policy.victims(list(idle)):
-            chosen.append(idle[name])
-            free += idle[name].footprint_bytes
-            if need <= free:
+        freed = 0
+        for victim in self._idle_victims(rec):
+            chosen.append(victim)
+            freed += victim.footprint_bytes
+            if freed >= shortfall:
                 break
-        if need > free:
+        if freed < shortfall:
             return None
         for victim in chosen:
             victim.state = State.UNLOADING  # still counted as used until Triton confirms the unload
         return chosen
 
-    async def _admit(self, rec: ModelRecord, need: int, source: str) -> None:
-        """Reserve `need` bytes for `rec`, evicting idle models by the policy; 507 when it cannot fit."""
-        budget = self.memory_budget_bytes
-        if need > budget:
-            raise InsufficientMemory(
-                f"model {rec.model.key!r} needs {need} bytes ({source.replace('_', ' ')}), more than the whole "
-                f"memory budget of {budget} bytes"
-            )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.admission_wait_s
+    def _shortfall(self, rec: ModelRecord, need: int) -> tuple[int, str]:
+        """Bytes to free before `need` more fit, and which limit is short: the budget or the device."""
+        budget_short = need - (self.memory_budget_bytes - self.committed_bytes())
+        room = self._device_room(rec)
+        device_short = need - room if room is not None else 0
+        return (device_short, "device_memory") if device_short > budget_short else (budget_short, "memory_pressure")
+
+    def _others_hold_memory(self, rec: ModelRecord) -> bool:
+        """Whether some other model of ours holds or is about to hold memory (so waiting can help)."""
+        return any(r is not rec and r.state in _RESIDENT for r in self._records.values())
+
+    async def _wait_idle(self, deadline: float) -> bool:
+        """Wait until some model's last request ends (or the deadline); False once the deadline has passed."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return False
+        self._idle.clear()  # woken the moment some model's last request ends, not by polling
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout=min(remaining, 0.5))
+        return True
+
+    def _refuse(self, reason: str, exc: GatewayError) -> GatewayError:
+        self.metrics.memory_refusals.labels(reason=reason).inc()
+        return exc
+
+    def _refuse_if_too_large(self, rec: ModelRecord, estimate: Estimate) -> None:
+        """507 at once, without a load slot or a load, for a model that cannot fit even alone."""
+        if estimate.bytes > self.memory_budget_bytes:
+            what = "measured once loaded" if estimate.source == "ledger" else f"estimated ({estimate.source})"
+            raise self._refuse("model_too_large", InsufficientMemory(
+                f"model {rec.model.key!r} needs {estimate.bytes} bytes ({what}), more than the whole memory budget "
+                f"of {self.memory_budget_bytes} bytes"))
+
+    async def _admit(self, rec: ModelRecord, estimate: Estimate) -> None:
+        """Reserve `estimate` bytes for `rec`, evicting idle models by the policy until it fits both the
+        budget and the device; 507 when it can never fit, 503 (retry) when busy models hold the memory."""
+        need, budget = estimate.bytes, self.memory_budget_bytes
+        self._refuse_if_too_large(rec, estimate)
+        deadline = asyncio.get_running_loop().time() + self.config.admission_wait_s
         evicted: list[str] = []
         while True:
-            victims = self._choose_victims(rec, need)
+            shortfall, limit = self._shortfall(rec, need)
+            victims = self._choose_victims(rec, shortfall)
             if victims == []:
                 break
-            if victims is None:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise MemoryBusy(
-                        f"model {rec.model.key!r} needs {need} bytes ({source.replace('_', ' ')}) but only "
-                        f"{budget - self.committed_bytes()} of the {budget}-byte memory budget can be freed: the "
-                        "other loaded models are serving requests"
-                    )
-                self._idle.clear()  # woken the moment some model's last request ends, not by polling
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._idle.wait(), timeout=min(remaining, 0.5))
+            if victims:
+                # Reserve only once the victims are gone: used memory, reservations included, never tops the budget.
+                await asyncio.gather(*(self._evict(v, reason=limit, chosen=True) for v in victims))
+                evicted += [v.model.key for v in victims]
                 continue
-            # Reserve only once the victims are gone: used memory, reservations included, never tops the budget.
-            await asyncio.gather(*(self._evict(v, reason="memory_pressure", chosen=True) for v in victims))
-            evicted += [v.model.key for v in victims]
-        rec.state, rec.footprint_bytes, rec.footprint_source = State.LOADING, need, source  # the reservation
+            if limit == "device_memory" and not self._others_hold_memory(rec):
+                raise self._refuse("device_full", InsufficientMemory(
+                    f"model {rec.model.key!r} needs {need} bytes but the device has only {need - shortfall} bytes "
+                    f"free beyond the {self.config.device_reserve_bytes}-byte reserve, and no model of this gateway "
+                    "holds any: other processes use the rest"))
+            if not await self._wait_idle(deadline):
+                raise self._refuse("memory_busy", MemoryBusy(
+                    f"model {rec.model.key!r} needs {need} bytes but only {need - shortfall} can be had now "
+                    f"({limit.replace('_', ' ')}): the models holding the rest are serving requests or loading; "
+                    "retry shortly"))
+        rec.state, rec.footprint_bytes, rec.footprint_source = State.LOADING, need, estimate.source  # the reservation
         self._update_gauges()
-        log.info("model.admitted", extra={"model": rec.model.key, "need_bytes": need, "estimate_source": source,
+        log.info("model.admitted", extra={"model": rec.model.key, "need_bytes": need, "estimate_source": estimate.source,
                                           "evicted": evicted, "committed_bytes": self.committed_bytes(),
                                           "budget_bytes": budget})
 
+    def _unmeasured(self, staged: StagedArtifact, cls: str) -> bool:
+        """Nothing is known of this artifact's memory. A class whose probe loaded but could not be measured
+        (a CPU model under NVML, a Triton elsewhere) is not probed again: its loads would queue forever."""
+        return (self.ledger.get(staged.etag) is None and not self.ledger.knows_class(cls)
+                and cls not in self._probed_classes)
+
+    async def _probe_class(self, staged: StagedArtifact, cls: str) -> bool:
+        """The first model of a class nobody has measured loads alone: its measurement teaches the estimate
+        of the next ones, which would otherwise all be admitted at once on the same blind guess. Returns
+        whether this load is that probe (and holds the lock); loads that waited behind a probe go on at once."""
+        if not self._unmeasured(staged, cls):
+            return False
+        await self._first_of_class.acquire()
+        if self._unmeasured(staged, cls):
+            return True
+        self._first_of_class.release()
+        return False
+
+    @contextlib.asynccontextmanager
+    async def _load_slot(self, rec: ModelRecord) -> AsyncIterator[None]:
+        """One of `max_concurrent_loads`: parallel loads overshoot estimates together and are a known source
+        of out-of-memory in Triton's Python backend (triton-inference-server/server #7094)."""
+        async with self._load_slots:
+            self._loads_in_flight += 1
+            self.metrics.loads_in_flight.set(self._loads_in_flight)
+            log.info("model.load_started", extra={"model": rec.model.key, "loads_in_flight": self._loads_in_flight})
+            try:
+                yield
+            finally:
+                self._loads_in_flight -= 1
+                self.metrics.loads_in_flight.set(self._loads_in_flight)
+
     async def _load(self, rec: ModelRecord, staged: StagedArtifact) -> None:
         rec.state, rec.etag, rec.artifact_bytes = State.STAGED, staged.etag, staged.artifact_bytes
-        need, source = self._estimate(rec, staged)
-        await self._admit(rec, need, source)
+        rec.model_class, rec.instances = model_class(staged), staged.instance_count
+        self._refuse_if_too_large(rec, self._estimate(staged))
+        probing = await self._probe_class(staged, rec.model_class)
         try:
-            await self._load_measured(rec, staged)
-        except ModelLoadFailed as exc:
-            if not _OOM.search(exc.message):
-                raise
-            log.warning("model.load_oom", extra={"model": rec.model.key, "error": exc.message})
-            rec.state = State.STAGED
-            await self._admit(rec, min(need * 2, self.memory_budget_bytes), "retry_after_out_of_memory")
-            try:
-                await self._load_measured(rec, staged)
-            except ModelLoadFailed as again:
-                if _OOM.search(again.message):
-                    raise InsufficientMemory(
-                        f"model {rec.model.key!r} ran out of memory loading even after evicting idle models "
-                        f"(estimate {need} bytes, budget {self.memory_budget_bytes} bytes): {again.message}"
-                    ) from None
-                raise
-
-    def _in_process_bytes(self) -> int | None:
-        """What in-process backends grow when they load a model: GPU memory of the whole device (NVML), or
-        the RSS of tritonserver itself on the host; None when neither can be read."""
-        if self.probe.kind == "nvml":
-            return self.probe.device().used_bytes
-        pid = self._triton_pid() if self._triton_pid else None
-        return self.probe.process_bytes([pid]) if pid else None
-
-    async def _load_measured(self, rec: ModelRecord, staged: StagedArtifact) -> None:
-        # Python-backend models live in their own stub processes and are measured there; other backends
-        # load inside Triton, so their footprint is the change around the load, one load at a time.
-        in_process = staged.backend != "python"
-        async with self._measure_lock if in_process else contextlib.nullcontext():
-            before = self._in_process_bytes() if in_process else None
-            started = time.monotonic()
-            try:
-                await self.control.load(rec.name)
-            except ModelLoadFailed as exc:
-                self.metrics.loads.labels(result="failed").inc()
-                raise ModelLoadFailed(f"model {rec.model.key!r} failed to load in Triton: {exc.message}") from None
-            except BaseException:
-                rec.state = State.STAGED
-                raise
-            rec.load_s = time.monotonic() - started
-            if in_process:
-                after = self._in_process_bytes()
-                measured = after - before if after is not None and before is not None else None
-            else:
-                measured = self._stub_bytes(rec)
-        if measured and measured > 0:
-            rec.footprint_bytes, rec.footprint_source = measured, "measured"
-            self.ledger.record(staged.etag, measured)
+            async with self._load_slot(rec):
+                await self._admit(rec, self._estimate(staged))
+                try:
+                    await self._load_with_backstop(rec, staged)
+                    await self._settle(rec)
+                except BaseException:
+                    if rec.state is State.LOADING:
+                        rec.state = State.STAGED  # the reservation ends with the load
+                    raise
+        finally:
+            if probing:
+                if rec.state is State.LOADING:  # it loaded, measured or not: the class has had its probe
+                    self._probed_classes.add(rec.model_class)
+                self._first_of_class.release()
         rec.state, rec.error = State.READY, None
-        self.policy.record_load(rec.name, rec.footprint_bytes, rec.load_s)
+        rec.loaded_at, rec.served_since_load = time.monotonic(), 0
+        self.policy.record_load(rec.name, rec.footprint_bytes, rec.load_s or 0.0)
         self.staging.touch(rec.name)
-        self.metrics.loads.labels(result="ok").inc()
-        self.metrics.loading.observe(rec.load_s)
+        self._update_gauges()
         log.info(
             "model.loaded",
             extra={
@@ -474,21 +552,157 @@ class ModelManager:
                 "triton_name": rec.name,
                 "etag": rec.etag,
                 "download_s": None if rec.download_s is None else round(rec.download_s, 4),
-                "load_s": round(rec.load_s, 4),
+                "load_s": round(rec.load_s or 0.0, 4),
                 "footprint_bytes": rec.footprint_bytes,
                 "footprint_source": rec.footprint_source,
                 "framework": staged.framework,
                 "backend": staged.backend,
+                "instance_kind": staged.instance_kind,
+                "waiters": rec.waiters,
+                "committed_bytes": self.committed_bytes(),
             },
         )
 
-    def _stub_bytes(self, rec: ModelRecord) -> int | None:
-        """Memory of the model's own stub processes (host RSS, or per-process GPU memory with NVML)."""
-        pid = self._triton_pid() if self._triton_pid else None
-        if pid is None:
-            return None
-        pids = find_stub_pids(pid, f"{self.staging.model_dir(rec.name)}/")
-        return self.probe.process_bytes(pids) if pids else None
+    async def _load_with_backstop(self, rec: ModelRecord, staged: StagedArtifact) -> None:
+        """Load; on a real out-of-memory failure unload one idle model (policy order) and retry, until it
+        loads or nothing idle is left: idle models must never hold the memory while every new load fails,
+        which is what happens when the budget is wrong (other processes on the GPU, fragmentation)."""
+        deadline = asyncio.get_running_loop().time() + self.config.admission_wait_s
+        while True:
+            try:
+                await self._load_measured(rec, staged)
+                return
+            except ModelLoadFailed as exc:
+                if not _OOM.search(exc.message):
+                    raise
+                error = exc.message
+            victims = self._idle_victims(rec)
+            log.warning("model.load_oom", extra={"model": rec.model.key, "error": error,
+                                                 "evicting": victims[0].model.key if victims else None})
+            if victims:
+                victims[0].state = State.UNLOADING
+                await self._evict(victims[0], reason="out_of_memory", chosen=True)
+                continue
+            if self._others_hold_memory(rec) and await self._wait_idle(deadline):
+                continue
+            if self._others_hold_memory(rec):
+                raise self._refuse("memory_busy", MemoryBusy(
+                    f"model {rec.model.key!r} ran out of memory loading while the other loaded models kept serving "
+                    f"requests; retry shortly ({error})"))
+            raise self._refuse("out_of_memory", InsufficientMemory(
+                f"model {rec.model.key!r} ran out of memory loading with no other model of this gateway loaded "
+                f"(estimate {rec.footprint_bytes} bytes, budget {self.memory_budget_bytes} bytes): {error}"))
+
+    async def _load_measured(self, rec: ModelRecord, staged: StagedArtifact) -> None:
+        """Load in Triton and replace the reservation with the measured footprint (state stays LOADING)."""
+        # Python-backend models live in their own stub processes and are measured there; other backends
+        # load inside Triton, so their footprint is the change around the load, one load at a time.
+        in_process = staged.backend != "python"
+        async with self._measure_lock if in_process else contextlib.nullcontext():
+            before = self.meter.process_wide_bytes() if in_process else None
+            started = time.monotonic()
+            try:
+                await self.control.load(rec.name)
+            except ModelLoadFailed as exc:
+                self.metrics.loads.labels(result="failed").inc()
+                raise ModelLoadFailed(f"model {rec.model.key!r} failed to load in Triton: {exc.message}") from None
+            rec.load_s = time.monotonic() - started
+            if in_process:
+                after = self.meter.process_wide_bytes()
+                measured = after - before if after is not None and before is not None else None
+            else:
+                measured = (await asyncio.to_thread(self.meter.stub_bytes, [rec.name])).get(rec.name)
+        if measured and measured > 0:
+            rec.footprint_bytes, rec.footprint_source = measured, "measured"
+            if rec.etag:
+                self.ledger.record(rec.etag, measured, rec.model_class, rec.instances)
+        self.metrics.loads.labels(result="ok").inc()
+        self.metrics.loading.observe(rec.load_s)
+        self._update_gauges()
+
+    async def _settle(self, rec: ModelRecord) -> None:
+        """Enforce the budget on the measured footprint before the model is served: a model that alone
+        exceeds it is unloaded and refused (507, remembered through the ledger); otherwise idle models go
+        until everything fits again, or, if busy models hold the memory past the wait, this one goes (503)."""
+        budget = self.memory_budget_bytes
+        if rec.footprint_bytes > budget:
+            await self._unload_loading(rec)
+            raise self._refuse("model_too_large", InsufficientMemory(
+                f"model {rec.model.key!r} measured {rec.footprint_bytes} bytes once loaded, more than the whole "
+                f"memory budget of {budget} bytes"))
+        deadline = asyncio.get_running_loop().time() + self.config.admission_wait_s
+        while (over := self.committed_bytes() - budget) > 0:
+            victims = self._choose_victims(rec, over)
+            if victims:
+                log.info("memory.over_budget_after_load", extra={"model": rec.model.key, "over_bytes": over,
+                                                                 "evicting": [v.model.key for v in victims]})
+                await asyncio.gather(*(self._evict(v, reason="measured_over_budget", chosen=True) for v in victims))
+            elif not await self._wait_idle(deadline):
+                await self._unload_loading(rec)
+                raise self._refuse("memory_busy", MemoryBusy(
+                    f"model {rec.model.key!r} measured {rec.footprint_bytes} bytes once loaded, {over} more than "
+                    "the memory budget has left, and the other models kept serving requests; retry shortly"))
+
+    async def _unload_loading(self, rec: ModelRecord) -> None:
+        """Take back a load that may not stay (too large, no room); its memory counts until Triton confirms."""
+        try:
+            await self.control.unload(rec.name)
+            await self.control.wait_unloaded(rec.name)
+        finally:
+            rec.state = State.STAGED
+            self._update_gauges()
+
+    # -- keeping the budget while models serve ---------------------------------------------------------------
+
+    def _grew(self, before: int, now: int) -> bool:
+        """Growth worth accounting: above measurement noise (RSS and NVML wobble by a few MiB)."""
+        return now > before + max(self.config.growth_tolerance_bytes, int(before * self.config.growth_tolerance))
+
+    async def remeasure(self) -> None:
+        """Measure every loaded stub-backed model again; growth counts against the budget at once and idle
+        models are evicted to make up for it, like any other overshoot."""
+        ready = [r for r in self._records.values() if r.state is State.READY]
+        if not ready:
+            return
+        sizes = await asyncio.to_thread(self.meter.stub_bytes, [r.name for r in ready])
+        grown = []
+        for rec in ready:
+            now = sizes.get(rec.name)
+            if rec.state is State.READY and now and self._grew(rec.footprint_bytes, now):
+                log.info("model.grew", extra={"model": rec.model.key, "from_bytes": rec.footprint_bytes, "to_bytes": now})
+                rec.footprint_bytes, rec.footprint_source = now, "measured"
+                if rec.etag:
+                    self.ledger.record(rec.etag, now, rec.model_class, rec.instances)
+                grown.append(rec)
+        if grown:
+            self._update_gauges()
+            await self._enforce_budget("growth")
+
+    async def _enforce_budget(self, reason: str) -> None:
+        """Evict idle models until committed memory is within the budget again; a model that alone exceeds
+        the whole budget goes first. What busy models hold is taken back on the next pass."""
+        budget = self.memory_budget_bytes
+        while (over := self.committed_bytes() - budget) > 0:
+            too_large = [r for r in self._idle_victims(None) if r.footprint_bytes > budget]
+            if too_large:
+                too_large[0].state = State.UNLOADING
+                victims: list[ModelRecord] | None = too_large[:1]
+            else:
+                victims = self._choose_victims(None, over) or self._choose_victims(None, 1)
+            if not victims:
+                log.warning("memory.over_budget", extra={"over_bytes": over, "reason": reason,
+                                                         "committed_bytes": self.committed_bytes(), "budget_bytes": budget})
+                return
+            await asyncio.gather(*(self._evict(v, reason=reason, chosen=True) for v in victims))
+
+    async def watch_memory(self) -> None:
+        """Re-measure loaded models every `remeasure_interval_s` (cheap: one /proc walk, one NVML call)."""
+        while True:
+            await asyncio.sleep(self.config.remeasure_interval_s)
+            try:
+                await self.remeasure()
+            except Exception:
+                log.exception("memory.remeasure_failed")
 
     # -- unloading -------------------------------------------------------------------------------------
 
@@ -498,9 +712,9 @@ class ModelManager:
             if rec.state is not State.READY or rec.leases > 0 or (rec.pipeline and not rec.pipeline.done()):
                 return False
             rec.state = State.UNLOADING
-        grown = self._stub_bytes(rec)  # onnxruntime grows its arena on first inferences: learn that too
-        if grown and rec.etag and grown > rec.footprint_bytes:
-            self.ledger.record(rec.etag, grown)
+        grown = (await asyncio.to_thread(self.meter.stub_bytes, [rec.name])).get(rec.name)
+        if grown and rec.etag and self._grew(rec.footprint_bytes, grown):  # learn growth since the last pass
+            self.ledger.record(rec.etag, grown, rec.model_class, rec.instances)
         started = time.monotonic()
         try:
             await self.control.unload(rec.name)
@@ -519,7 +733,10 @@ class ModelManager:
         self.metrics.unloading.observe(time.monotonic() - started)
         self.metrics.evictions.labels(tier="memory", reason=reason).inc()
         log.info("model.unloaded", extra={"model": rec.model.key, "reason": reason,
-                                          "unload_s": round(time.monotonic() - started, 4)})
+                                          "unload_s": round(time.monotonic() - started, 4),
+                                          "footprint_bytes": rec.footprint_bytes,
+                                          "served_since_load": rec.served_since_load,
+                                          "resident_s": round(time.monotonic() - rec.loaded_at, 3)})
         return True
 
     async def unload(self, rec: ModelRecord, reason: str) -> bool:
@@ -592,8 +809,10 @@ class ModelManager:
             rec.etag, rec.artifact_bytes = artifact.etag, artifact.artifact_bytes
             rec.checked_at = 0.0  # trust nothing from before: the next call checks the store
             if ready:
-                rec.state = State.READY
-                rec.footprint_bytes, rec.footprint_source = self._estimate(rec, artifact)
+                estimate = self._estimate(artifact)
+                rec.state, rec.loaded_at = State.READY, time.monotonic()
+                rec.model_class, rec.instances = model_class(artifact), artifact.instance_count
+                rec.footprint_bytes, rec.footprint_source = estimate.bytes, estimate.source
                 self.policy.record_load(name, rec.footprint_bytes, rec.load_s or 1.0)
             else:
                 if rec.state is State.READY:

@@ -48,10 +48,21 @@ class Metrics:
             "mme_disk_tier_hits", "loads served from the NVMe tier without a download", registry=r
         )
         self.evictions = Counter(
-            "mme_model_evictions", "models evicted, by tier (memory|disk) and reason", ["tier", "reason"], registry=r
+            "mme_model_evictions", "models evicted, by tier (memory|disk) and reason (memory: "
+            "memory_pressure, device_memory, measured_over_budget, growth, out_of_memory, cache_disabled, api, "
+            "deleted)", ["tier", "reason"], registry=r,
         )
         self.memory_used = Gauge("mme_memory_used_bytes", "model memory in use (measured or estimated)", registry=r)
         self.memory_budget = Gauge("mme_memory_budget_bytes", "memory budget for loaded models", registry=r)
+        self.device_memory_used = Gauge(
+            "mme_device_memory_used_bytes", "memory in use on the device as the probe reads it, whoever holds it "
+            "(NVML: the whole GPU; host probe: RAM less MemAvailable)", registry=r,
+        )
+        self.memory_refusals = Counter(
+            "mme_memory_refusals", "loads refused for memory, by reason: model_too_large and device_full and "
+            "out_of_memory answer 507, memory_busy answers 503 (retry)", ["reason"], registry=r,
+        )
+        self.loads_in_flight = Gauge("mme_model_loads_in_flight", "models being loaded into Triton now", registry=r)
         self.disk_used = Gauge("mme_disk_used_bytes", "bytes of staged model directories on the NVMe tier", registry=r)
         self.disk_budget = Gauge("mme_disk_budget_bytes", "byte budget of the NVMe tier", registry=r)
         self.in_flight = Gauge("mme_requests_in_flight", "inference requests being served now", registry=r)

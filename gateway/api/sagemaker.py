@@ -16,7 +16,7 @@ the body's `__type`, the text in `Message` (the body also keeps the gateway's ow
                                                                                 after eviction; retrying at
                                                                                 once would not help, so no
                                                                                 automatic SDK retry
-    MemoryBusy (an InsufficientMemory)     ServiceUnavailable           503     it fits, but the loaded models
+    MemoryBusy                             ServiceUnavailable           503     it fits, but the loaded models
                                                                                 stayed busy: SDKs retry it
     Triton answered 4xx/5xx to the infer   ModelError (Original = it)   424     SageMaker's "received client/
                                                                                 server error from model"
