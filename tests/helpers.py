@@ -123,3 +123,67 @@ class GatewayProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+# A Python-backend model whose memory is nothing like its artifact: `ballast_bytes` held from `initialize`,
+# `grow_bytes` more kept on every request, `sleep_s` per request, `init_sleep_s` in `initialize` (which
+# writes its start and end to `trace_dir`), and a CUDA-style out-of-memory error from `initialize` when
+# `oom_max_siblings` or more of its siblings (counted through live pids in `oom_marker_dir`) are loaded.
+_BALLAST_MODEL = '''
+import json, os, time
+import numpy as np
+import triton_python_backend_utils as pb
+
+
+def _param(config, key, default):
+    return config.get("parameters", {}).get(key, {}).get("string_value", default)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        started = time.time()
+        self.marker = None
+        marker_dir = _param(config, "oom_marker_dir", "")
+        if marker_dir:
+            siblings = [p for p in os.listdir(marker_dir) if os.path.exists("/proc/" + p)]
+            if len(siblings) >= int(_param(config, "oom_max_siblings", "0")):
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (%d siblings loaded)" % len(siblings))
+            self.marker = os.path.join(marker_dir, str(os.getpid()))
+            open(self.marker, "w").close()
+        self.ballast = np.ones(int(_param(config, "ballast_bytes", "0")), dtype=np.uint8)  # touched: resident
+        self.grow = int(_param(config, "grow_bytes", "0"))
+        self.sleep = float(_param(config, "sleep_s", "0"))
+        self.kept = []
+        time.sleep(float(_param(config, "init_sleep_s", "0")))
+        trace_dir = _param(config, "trace_dir", "")
+        if trace_dir:
+            with open(os.path.join(trace_dir, "%d.json" % os.getpid()), "w") as f:
+                json.dump({"start": started, "end": time.time()}, f)
+
+    def execute(self, requests):
+        if self.sleep:
+            time.sleep(self.sleep)
+        if self.grow:
+            self.kept.append(np.ones(self.grow, dtype=np.uint8))
+        out = []
+        for request in requests:
+            x = pb.get_input_tensor_by_name(request, "features").as_numpy()
+            out.append(pb.InferenceResponse([pb.Tensor("total", x.sum(axis=1, keepdims=True).astype(np.float32))]))
+        return out
+
+    def finalize(self):
+        if self.marker and os.path.exists(self.marker):
+            os.unlink(self.marker)
+'''
+
+
+def ballast_artifact(**params: object) -> bytes:
+    """A .tar.gz of about 1 KB holding the model above; `params` become its config parameters."""
+    config = ('backend: "python"\nmax_batch_size: 0\n'
+              'input [{ name: "features" data_type: TYPE_FP32 dims: [-1, 6] }]\n'
+              'output [{ name: "total" data_type: TYPE_FP32 dims: [-1, 1] }]\n'
+              'instance_group [{ kind: KIND_CPU count: 1 }]\n')
+    for key, value in params.items():
+        config += f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
+    return tar_gz({"config.pbtxt": config.encode(), "1/model.py": _BALLAST_MODEL.encode()})
