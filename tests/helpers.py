@@ -9,10 +9,11 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from gateway.demo import onnx_model
 from gateway.triton.process import free_port
@@ -53,6 +54,17 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict[str, st
             return resp.status, resp.read(), dict(resp.headers)
     except urllib.error.HTTPError as err:
         return err.code, err.read(), dict(err.headers)
+
+
+def run_for(seconds: float, stop: threading.Event, workers: Iterable[Callable[[], None]]) -> None:
+    """Run each worker in its own thread for `seconds`, then set `stop` (which the workers watch) and join."""
+    threads = [threading.Thread(target=worker) for worker in workers]
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=120)
 
 
 class GatewayProcess:

@@ -3,6 +3,7 @@ to force eviction (each demo model's stub process measures about 80 MB of RSS)."
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -19,7 +20,7 @@ import pytest
 from gateway.demo import predict
 from gateway.memory import HostProbe, descendant_pids
 from tests.conftest import BUCKET, PREFIX, S3_ENV
-from tests.helpers import GatewayProcess, city_artifact, http, tar_gz, v2_request
+from tests.helpers import GatewayProcess, city_artifact, http, run_for, tar_gz, v2_request
 
 HOUSE = [2001.0, 2500.0, 4.0, 2.0, 0.5, 2.0]
 MEMORY_BUDGET = 300_000_000  # room for about three models
@@ -121,13 +122,7 @@ def test_mixed_load_over_ten_models_with_room_for_three(cache_gateway: GatewayPr
                     over_budget.append(f"{what} {value} > {MEMORY_BUDGET}")
             time.sleep(0.1)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)] + [threading.Thread(target=watcher)]
-    for t in threads:
-        t.start()
-    time.sleep(30)
-    stop.set()
-    for t in threads:
-        t.join(timeout=120)
+    run_for(30, stop, [functools.partial(client, i) for i in range(6)] + [watcher])
 
     assert counts["requests"] >= 10  # a loaded 2-core machine manages a few per second
     assert failures == []

@@ -6,8 +6,8 @@ clients at once."""
 from __future__ import annotations
 
 import calendar
+import functools
 import json
-import os
 import random
 import threading
 import time
@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.memory import HostProbe, stub_pids_by_model
 from tests.conftest import BUCKET, PREFIX, S3_ENV
-from tests.helpers import GatewayProcess, ballast_artifact, http, v2_request
+from tests.helpers import GatewayProcess, ballast_artifact, http, run_for, v2_request
 
 MIB = 1 << 20
 ROW = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
@@ -117,13 +117,7 @@ def test_sixteen_clients_over_eight_models_of_250_mb_keep_the_budget(s3, s3_endp
             time.sleep(0.05)
 
     try:
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)] + [threading.Thread(target=sampler)]
-        for t in threads:
-            t.start()
-        time.sleep(20)
-        stop.set()
-        for t in threads:
-            t.join(timeout=120)
+        run_for(20, stop, [functools.partial(client, i) for i in range(16)] + [sampler])
         loaded = gw.events("model.loaded")
         evictions = memory_evictions(gw)
     finally:
@@ -254,13 +248,7 @@ def test_at_capacity_a_load_is_served_to_its_waiters_before_it_can_be_evicted(s3
                 refused.append(f"{call.__name__}: {status} {answer}")
 
     try:
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
-        for t in threads:
-            t.start()
-        time.sleep(15)
-        stop.set()
-        for t in threads:
-            t.join(timeout=120)
+        run_for(15, stop, [functools.partial(client, i) for i in range(32)])
         loaded, unloaded = gw.events("model.loaded"), gw.events("model.unloaded")
     finally:
         gw.stop()
