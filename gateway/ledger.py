@@ -8,10 +8,15 @@ ballast model), so the ledger also learns per model class (backend, framework, i
 estimate is a high percentile of what this gateway has measured for that class, per instance, never
 below the size-times-factor fallback. The first model of a class may still be off; the second is not.
 
+Models also grow once they serve (onnxruntime sizes its arena on the first requests), so each entry keeps
+the footprint measured right after the load beside the largest one seen in use; their ratio, learned per
+class, tells how much a model just loaded will grow before it has served anything.
+
 The ledger is advisory: a corrupt file or a failed write is logged and never stops the gateway.
 
-File format: {"version": 2, "footprints": {"<etag>": {"bytes": N, "class": "python/onnx/KIND_CPU",
-"instances": 1}, ...}}; version 1 files ({"<etag>": N}) are read as measurements of no known class.
+File format: {"version": 2, "footprints": {"<etag>": {"bytes": N, "loaded": M, "class":
+"python/onnx/KIND_CPU", "instances": 1}, ...}}; version 1 files ({"<etag>": N}) are read as measurements
+of no known class.
 """
 
 from __future__ import annotations
@@ -30,19 +35,26 @@ log = logging.getLogger(__name__)
 
 _VERSION = 2
 LEARNED_PERCENTILE = 0.9  # a high percentile, not the mean: under-estimating is what breaks a budget
+MAX_LEARNED_GROWTH = 2.0  # a class of leaking models must not make every new load look twice as large
 
 
 @dataclass(frozen=True)
 class Footprint:
-    """One artifact version's largest measured footprint, for all its instances."""
+    """One artifact version's largest measured footprint, for all its instances, and the first one
+    measured right after a load (before it served anything)."""
 
     bytes: int
     model_class: str | None = None
     instances: int = 1
+    loaded: int | None = None
 
     @property
     def per_instance(self) -> int:
         return self.bytes // max(self.instances, 1)
+
+    @property
+    def growth(self) -> float | None:
+        return self.bytes / self.loaded if self.loaded else None
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,7 @@ class FootprintLedger:
         self._lock = threading.Lock()  # record() may run from executor threads as well as the event loop
         self._footprints: dict[str, Footprint] = self._load()
         self._by_class: dict[str, list[int]] = {}  # class -> ascending per-instance footprints
+        self._growth: dict[str, list[float]] = {}  # class -> ascending in-use / just-loaded ratios
         for footprint in self._footprints.values():
             self._index(footprint)
 
@@ -96,18 +109,28 @@ class FootprintLedger:
     def _index(self, footprint: Footprint) -> None:
         if footprint.model_class:
             bisect.insort(self._by_class.setdefault(footprint.model_class, []), footprint.per_instance)
+            if footprint.growth is not None:
+                bisect.insort(self._growth.setdefault(footprint.model_class, []), footprint.growth)
 
     def _unindex(self, footprint: Footprint) -> None:
-        values = self._by_class.get(footprint.model_class or "")
-        if values:
-            i = bisect.bisect_left(values, footprint.per_instance)
-            if i < len(values) and values[i] == footprint.per_instance:
-                values.pop(i)
+        for table, value in ((self._by_class, footprint.per_instance), (self._growth, footprint.growth)):
+            values = table.get(footprint.model_class or "")
+            if values and value is not None:
+                i = bisect.bisect_left(values, value)
+                if i < len(values) and values[i] == value:
+                    values.pop(i)
 
     def get(self, etag: str) -> int | None:
         with self._lock:
             entry = self._footprints.get(etag)
             return entry.bytes if entry else None
+
+    def growth(self, model_class: str) -> float:
+        """How much a just-loaded model of this class grows once it serves: a high percentile of the ratios
+        measured for the class, 1.0 when none was measured."""
+        with self._lock:
+            ratios = self._growth.get(model_class)
+            return min(max(nearest_rank(ratios, LEARNED_PERCENTILE), 1.0), MAX_LEARNED_GROWTH) if ratios else 1.0
 
     def knows_class(self, model_class: str) -> bool:
         """Whether any model of this class has been measured (the first of a class is loaded alone)."""
@@ -139,17 +162,23 @@ class FootprintLedger:
             return Estimate(total if ceiling is None else min(total, ceiling), "learned")
         return Estimate(fallback_per_instance * instances, "size_x_factor")
 
-    def record(self, etag: str, footprint_bytes: int, model_class: str | None = None, instances: int = 1) -> bool:
-        """Remember a measurement if it is the largest seen for this artifact; persist the ledger atomically
+    def record(self, etag: str, footprint_bytes: int, model_class: str | None = None, instances: int = 1,
+               just_loaded: bool = False) -> bool:
+        """Remember a measurement (`just_loaded`: taken right after a load, before any request) if it is news:
+        the largest seen for this artifact, or its first just-loaded one. Persists the ledger atomically
         (temp file + os.replace). Returns whether the ledger changed."""
         if footprint_bytes < 0:
             raise ValueError(f"footprint must be >= 0 bytes, got {footprint_bytes}")
         with self._lock:
             old = self._footprints.get(etag)
-            if old is not None and old.bytes >= footprint_bytes and (old.model_class or not model_class):
+            loaded = old.loaded if old else None
+            if just_loaded and loaded is None:
+                loaded = int(footprint_bytes)
+            if (old is not None and old.bytes >= footprint_bytes and (old.model_class or not model_class)
+                    and old.loaded == loaded):
                 return False
             new = Footprint(max(int(footprint_bytes), old.bytes if old else 0), model_class or
-                            (old.model_class if old else None), max(instances, 1))
+                            (old.model_class if old else None), max(instances, 1), loaded)
             if old is not None:
                 self._unindex(old)
             self._footprints[etag] = new
@@ -164,7 +193,8 @@ class FootprintLedger:
     def _write(self, footprints: dict[str, Footprint]) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         doc = {"version": _VERSION, "footprints": {
-            etag: {"bytes": f.bytes, "class": f.model_class, "instances": f.instances} for etag, f in footprints.items()
+            etag: {"bytes": f.bytes, "loaded": f.loaded, "class": f.model_class, "instances": f.instances}
+            for etag, f in footprints.items()
         }}
         fd, tmp = tempfile.mkstemp(prefix=f".{self._path.name}.", suffix=".tmp", dir=self._path.parent)
         try:
@@ -196,6 +226,8 @@ def _parse_entry(value: object) -> Footprint | None:
     if isinstance(value, dict) and _is_count(value.get("bytes")):
         model_class = value.get("class")
         instances = value.get("instances", 1)
-        if (model_class is None or isinstance(model_class, str)) and _is_count(instances) and instances >= 1:
-            return Footprint(value["bytes"], model_class, instances)
+        loaded = value.get("loaded")
+        if ((model_class is None or isinstance(model_class, str)) and _is_count(instances) and instances >= 1
+                and (loaded is None or (_is_count(loaded) and loaded > 0))):
+            return Footprint(value["bytes"], model_class, instances, loaded)
     return None

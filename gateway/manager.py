@@ -99,6 +99,9 @@ class ModelRecord:
     misses: int = 0
     last_used: float = 0.0
     loaded_at: float = 0.0  # monotonic time the current load finished
+    used_since_measured: bool = False  # served since its load was measured: growth to look for at once
+    loaded_bytes: int = 0  # measured right after the load, before any request
+    padded: bool = False  # footprint_bytes includes growth expected from the class, not yet measured
     waiters: int = 0  # callers awaiting this model's pipeline: a model they wait for is not a victim
     served_since_load: int = 0
     model_class: str = ""  # backend/framework/instance kind: what learned estimates are kept by
@@ -131,8 +134,8 @@ class ManagerConfig:
     device_check: bool = True  # also fit the device's real free memory (NVML, or the host's MemAvailable)
     device_reserve_bytes: int = 256 << 20  # device memory never promised to a model
     remeasure_interval_s: float = 2.0
-    growth_tolerance_bytes: int = 8 << 20  # growth below max(this, growth_tolerance x footprint) is noise
-    growth_tolerance: float = 0.05
+    growth_tolerance_bytes: int = 2 << 20  # growth below max(this, growth_tolerance x footprint) is noise
+    growth_tolerance: float = 0.01
 
 
 def model_class(staged: StagedArtifact) -> str:
@@ -172,6 +175,7 @@ class ModelManager:
         self._loads_in_flight = 0
         self._first_of_class = asyncio.Lock()
         self._probed_classes: set[str] = set()
+        self._measure_soon = asyncio.Event()  # wakes the background measurement before its interval
         self._idle = asyncio.Event()  # set when a model's last lease ends: blocked admissions look again
         self._hit = metrics.cache_requests.labels(result="hit")  # labels() costs microseconds per request
         self._miss = metrics.cache_requests.labels(result="miss")
@@ -238,6 +242,9 @@ class ModelManager:
                 self.metrics.in_flight.dec()
                 if rec.leases == 0:
                     self._idle.set()
+                if not rec.used_since_measured:  # a first request grows a model most (arenas, lazy imports)
+                    rec.used_since_measured = True
+                    self._measure_soon.set()
                 if not self.config.model_cache_enabled and rec.leases == 0 and rec.source is None:
                     self._spawn(self._evict(rec, reason="cache_disabled", delete=True))
         finally:
@@ -541,7 +548,7 @@ class ModelManager:
                     self._probed_classes.add(rec.model_class)
                 self._first_of_class.release()
         rec.state, rec.error = State.READY, None
-        rec.loaded_at, rec.served_since_load = time.monotonic(), 0
+        rec.loaded_at, rec.served_since_load, rec.used_since_measured = time.monotonic(), 0, False
         self.policy.record_load(rec.name, rec.footprint_bytes, rec.load_s or 0.0)
         self.staging.touch(rec.name)
         self._update_gauges()
@@ -613,19 +620,31 @@ class ModelManager:
             else:
                 measured = (await asyncio.to_thread(self.meter.stub_bytes, [rec.name])).get(rec.name)
         if measured and measured > 0:
-            rec.footprint_bytes, rec.footprint_source = measured, "measured"
-            if rec.etag:
-                self.ledger.record(rec.etag, measured, rec.model_class, rec.instances)
+            self._account_load(rec, measured)
         self.metrics.loads.labels(result="ok").inc()
         self.metrics.loading.observe(rec.load_s)
         self._update_gauges()
+
+    def _account_load(self, rec: ModelRecord, measured: int) -> None:
+        """Account what the model will hold once it serves, not only what it holds now: what this artifact
+        grew to before (the ledger), else the measurement times its class's learned growth, until its first
+        measurement in use replaces the guess (`remeasure`)."""
+        known = self.ledger.get(rec.etag) if rec.etag else None
+        if known is not None:
+            accounted = max(measured, known)
+        else:
+            accounted = max(measured, int(measured * self.ledger.growth(rec.model_class)))
+        if rec.etag:
+            self.ledger.record(rec.etag, measured, rec.model_class, rec.instances, just_loaded=True)
+        rec.loaded_bytes, rec.padded = measured, accounted > measured
+        rec.footprint_bytes, rec.footprint_source = min(accounted, max(measured, self.memory_budget_bytes)), "measured"
 
     async def _settle(self, rec: ModelRecord) -> None:
         """Enforce the budget on the measured footprint before the model is served: a model that alone
         exceeds it is unloaded and refused (507, remembered through the ledger); otherwise idle models go
         until everything fits again, or, if busy models hold the memory past the wait, this one goes (503)."""
         budget = self.memory_budget_bytes
-        if rec.footprint_bytes > budget:
+        if rec.footprint_bytes > budget:  # measured alone over it: accounted growth is capped at the budget
             await self._unload_loading(rec)
             raise self._refuse("model_too_large", InsufficientMemory(
                 f"model {rec.model.key!r} measured {rec.footprint_bytes} bytes once loaded, more than the whole "
@@ -655,7 +674,7 @@ class ModelManager:
     # -- keeping the budget while models serve ---------------------------------------------------------------
 
     def _grew(self, before: int, now: int) -> bool:
-        """Growth worth accounting: above measurement noise (RSS and NVML wobble by a few MiB)."""
+        """Growth worth accounting: above measurement noise (allocator pages come and go by the MiB)."""
         return now > before + max(self.config.growth_tolerance_bytes, int(before * self.config.growth_tolerance))
 
     async def remeasure(self) -> None:
@@ -668,7 +687,14 @@ class ModelManager:
         grown = []
         for rec in ready:
             now = sizes.get(rec.name)
-            if rec.state is State.READY and now and self._grew(rec.footprint_bytes, now):
+            if rec.state is not State.READY or not now:
+                continue
+            if rec.padded and rec.used_since_measured:  # the first real number in use replaces the guess
+                rec.padded = False
+                rec.footprint_bytes = max(now, rec.loaded_bytes)
+                if rec.etag:
+                    self.ledger.record(rec.etag, now, rec.model_class, rec.instances)
+            if self._grew(rec.footprint_bytes, now):
                 log.info("model.grew", extra={"model": rec.model.key, "from_bytes": rec.footprint_bytes, "to_bytes": now})
                 rec.footprint_bytes, rec.footprint_source = now, "measured"
                 if rec.etag:
@@ -696,9 +722,12 @@ class ModelManager:
             await asyncio.gather(*(self._evict(v, reason=reason, chosen=True) for v in victims))
 
     async def watch_memory(self) -> None:
-        """Re-measure loaded models every `remeasure_interval_s` (cheap: one /proc walk, one NVML call)."""
+        """Re-measure loaded models every `remeasure_interval_s` (cheap: one /proc walk, one NVML call), and
+        at once after a model's first request since its load."""
         while True:
-            await asyncio.sleep(self.config.remeasure_interval_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._measure_soon.wait(), timeout=self.config.remeasure_interval_s)
+            self._measure_soon.clear()
             try:
                 await self.remeasure()
             except Exception:
@@ -713,7 +742,7 @@ class ModelManager:
                 return False
             rec.state = State.UNLOADING
         grown = (await asyncio.to_thread(self.meter.stub_bytes, [rec.name])).get(rec.name)
-        if grown and rec.etag and self._grew(rec.footprint_bytes, grown):  # learn growth since the last pass
+        if grown and rec.etag:  # learn growth since the last pass: the ledger keeps only a larger number
             self.ledger.record(rec.etag, grown, rec.model_class, rec.instances)
         started = time.monotonic()
         try:

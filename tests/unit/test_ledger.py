@@ -30,7 +30,7 @@ def test_round_trip_across_restart_keeps_the_largest_measurement(tmp_path: Path)
     assert len(reopened) == 2
     doc = json.loads(path.read_text())
     assert doc["version"] == 2
-    assert doc["footprints"]["etag-2"] == {"bytes": 7 * MIB, "class": ONNX, "instances": 2}
+    assert doc["footprints"]["etag-2"] == {"bytes": 7 * MIB, "loaded": None, "class": ONNX, "instances": 2}
     assert [p.name for p in path.parent.iterdir()] == ["footprints.json"]  # no temp files left behind
 
 
@@ -112,6 +112,27 @@ def test_a_model_too_large_to_serve_does_not_make_its_class_look_too_large(tmp_p
     assert ledger.estimate("new", PY, 1, 96 * MIB, ceiling=budget) == Estimate(150 * MIB, "learned")
     ledger.record("large", 400 * MIB, PY)  # fits alone; two instances of it would not: capped, not refused
     assert ledger.estimate("new", PY, 2, 96 * MIB, ceiling=budget) == Estimate(budget, "learned")
+
+
+def test_growth_once_serving_is_learned_per_class(tmp_path: Path) -> None:
+    """onnxruntime grows its arena on the first requests: a model measured just after its load is not yet
+    what it will hold. The ratio of in-use to just-loaded, learned per class, says how much to expect."""
+    path = tmp_path / "f.json"
+    ledger = FootprintLedger(path)
+    assert ledger.growth(ONNX) == 1.0  # nothing learned: no growth assumed
+    assert ledger.record("a", 100 * MIB, ONNX, just_loaded=True)
+    assert ledger.growth(ONNX) == 1.0
+    assert ledger.record("a", 110 * MIB, ONNX)  # after its first requests
+    assert not ledger.record("a", 90 * MIB, ONNX, just_loaded=True)  # a later reload: the first one stays
+    assert ledger.growth(ONNX) == pytest.approx(1.1)
+    assert ledger.get("a") == 110 * MIB
+    reopened = FootprintLedger(path)
+    assert reopened.growth(ONNX) == pytest.approx(1.1) and reopened.growth(PY) == 1.0
+    reopened.record("b", 50 * MIB, ONNX, just_loaded=True)  # a model that never grows pulls no ratio below 1
+    assert reopened.growth(ONNX) == pytest.approx(1.1)
+    reopened.record("leak", 10 * MIB, PY, just_loaded=True)
+    reopened.record("leak", 400 * MIB, PY)  # a leak is not a growth to expect of every model: capped
+    assert reopened.growth(PY) == 2.0
 
 
 def test_nearest_rank() -> None:
