@@ -48,6 +48,30 @@ def _demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_EXTRA_MODULES = {"mme_bench", "matplotlib", "yaml", "tqdm"}
+"""What `pip install mme-gateway[bench]` brings; the server itself never imports them."""
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="benchmark config (YAML or JSON), e.g. benchmarks/bench-demo.yaml")
+    parser.add_argument("--out", default="bench-results", help="results directory (default: bench-results)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from mme_bench.cli import run
+    except ImportError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing not in BENCH_EXTRA_MODULES:
+            raise
+        print(f"mme-gateway bench: {missing} is missing: install the bench extra, pip install 'mme-gateway[bench]' "
+              "(in a checkout: .venv/bin/pip install -e '.[bench]')", file=sys.stderr)
+        return 1
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mme-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("city")
     model.add_argument("out", help="destination .tar.gz")
     model.set_defaults(func=_demo_model)
-    from gateway.bench.cli import add_bench_arguments, run as _bench
-
     bench = sub.add_parser("bench", help="benchmark gateways from a config file: latency, cache, cost report")
     add_bench_arguments(bench)
     bench.set_defaults(func=_bench)

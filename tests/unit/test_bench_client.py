@@ -9,9 +9,9 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.bench.client import Invoker, classify
-from gateway.bench.config import PayloadConfig
-from gateway.bench.workload import make_payload
+from mme_bench.client import Invoker, classify
+from mme_bench.config import PayloadConfig
+from mme_bench.workload import make_payload
 from gateway.triton.process import free_port
 
 CFG = PayloadConfig(examples=({"Body": "1"},))

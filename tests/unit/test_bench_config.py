@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.bench.config import BenchConfigError, config_from_dict, load_config
+from mme_bench.config import BenchConfigError, config_from_dict, load_config
 from tests.helpers import REPO_ROOT
 
 MINIMAL = {

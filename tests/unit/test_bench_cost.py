@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.bench import cost
-from gateway.bench.config import HOURS_PER_MONTH
+from mme_bench import cost
+from mme_bench.config import HOURS_PER_MONTH
 from gateway.profiles import load_profiles
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.bench.config import LauncherConfig, TargetConfig
-from gateway.bench.launcher import LaunchError, serve_command, start_gateway
+from mme_bench.config import LauncherConfig, TargetConfig
+from mme_bench.launcher import LaunchError, serve_command, start_gateway
 
 FAKE = textwrap.dedent(f"""\
     #!{sys.executable}

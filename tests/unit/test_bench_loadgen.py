@@ -10,10 +10,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.bench.client import Invoker
-from gateway.bench.config import PayloadConfig
-from gateway.bench.loadgen import Segment, SessionContext, run_closed, run_open, run_sequential, warm_up
-from gateway.bench.workload import ModelChooser, PayloadCycle, make_payload
+from mme_bench.client import Invoker
+from mme_bench.config import PayloadConfig
+from mme_bench.loadgen import Segment, SessionContext, run_closed, run_open, run_sequential, warm_up
+from mme_bench.workload import ModelChooser, PayloadCycle, make_payload
 from gateway.metrics import Metrics
 from gateway.triton.process import free_port
 

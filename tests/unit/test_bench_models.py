@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from gateway.bench.config import SyntheticModelsConfig
-from gateway.bench.models import SIZE_TOLERANCE, build_synthetic_store, synthetic_artifact
+from mme_bench.config import SyntheticModelsConfig
+from mme_bench.models import SIZE_TOLERANCE, build_synthetic_store, synthetic_artifact
 from gateway.demo import predict
 
 HOUSES = np.array([[1994, 3188, 5, 1.5, 1.62, 3], [1990, 3047, 5, 1.0, 1.11, 2]], dtype=np.float32)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.bench.config import PerfAnalyzerConfig
-from gateway.bench.perf import parse_pa_csv, run_perf_analyzer
+from mme_bench.config import PerfAnalyzerConfig
+from mme_bench.perf import parse_pa_csv, run_perf_analyzer
 from gateway.triton.process import free_port
 
 # As perf_analyzer 2.48 writes it: microseconds, rows sorted by throughput rather than concurrency.

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from gateway.bench.analysis import analyse
-from gateway.bench.charts import draw_all
-from gateway.bench.config import config_from_dict
-from gateway.bench.loadgen import Segment
-from gateway.bench.models import ModelInfo
-from gateway.bench.report import write_report
-from gateway.bench.results import write_results
-from gateway.bench.runner import RunData, SessionLog
-from gateway.bench.scrape import parse_metrics
-from gateway.bench.stats import Record
+from mme_bench.analysis import analyse
+from mme_bench.charts import draw_all
+from mme_bench.config import config_from_dict
+from mme_bench.loadgen import Segment
+from mme_bench.models import ModelInfo
+from mme_bench.report import write_report
+from mme_bench.results import write_results
+from mme_bench.runner import RunData, SessionLog
+from mme_bench.scrape import parse_metrics
+from mme_bench.stats import Record
 from gateway.metrics import Metrics
 
 CONFIG = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.bench.scrape import MetricsPoller, cache_delta, parse_metrics
+from mme_bench.scrape import MetricsPoller, cache_delta, parse_metrics
 from gateway.metrics import Metrics
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.bench.stats import Record, cumulative_hit_ratio, latency_summary, percentile, summarize, summarize_scopes
+from mme_bench.stats import Record, cumulative_hit_ratio, latency_summary, percentile, summarize, summarize_scopes
 
 
 def rec(latency_ms: float, error_class: str = "ok", cold: bool = False, status: int | None = 200) -> Record:

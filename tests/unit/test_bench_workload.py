@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.bench.config import BenchConfigError, PayloadConfig, WorkloadConfig
-from gateway.bench.workload import (
+from mme_bench.config import BenchConfigError, PayloadConfig, WorkloadConfig
+from mme_bench.workload import (
     ModelChooser, PayloadCycle, arrival_schedule, csv_to_v2, load_payloads, make_payload, zipf_weights,
 )
 

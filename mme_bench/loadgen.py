@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import aiohttp
 from tqdm import tqdm
 
-from gateway.bench.client import Invoker, Outcome
-from gateway.bench.scrape import MISSES, Snapshot, scrape
-from gateway.bench.stats import Record
-from gateway.bench.workload import ModelChooser, PayloadCycle
+from mme_bench.client import Invoker, Outcome
+from mme_bench.scrape import MISSES, Snapshot, scrape
+from mme_bench.stats import Record
+from mme_bench.workload import ModelChooser, PayloadCycle
 
 RETRY_CLASSES = ("not_ready", "throttle", "timeout", "connection")
 

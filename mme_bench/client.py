@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from gateway.bench.workload import Payload
+from mme_bench.workload import Payload
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from gateway.bench.config import BenchConfigError, PayloadConfig, WorkloadConfig
+from mme_bench.config import BenchConfigError, PayloadConfig, WorkloadConfig
 
 CSV_TYPES = ("text/csv", "application/csv")
 JSON_TYPES = ("application/json",)

@@ -22,9 +22,9 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from gateway.bench.analysis import Analysis
-from gateway.bench.runner import RunData
-from gateway.bench.stats import LATENCY_FIELDS, Record
+from mme_bench.analysis import Analysis
+from mme_bench.runner import RunData
+from mme_bench.stats import LATENCY_FIELDS, Record
 
 RECORD_COLUMNS = tuple(f.name for f in dataclasses.fields(Record))
 TIMESERIES_COLUMNS = ("session", "benchmark", "target", "t_s", "loaded_models", "cache_hits", "cache_misses",

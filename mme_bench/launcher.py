@@ -28,7 +28,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.bench.config import LauncherConfig, TargetConfig
+from mme_bench.config import LauncherConfig, TargetConfig
 from gateway.triton.process import free_port
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlparse
 
-from gateway.bench.config import PerfAnalyzerConfig
+from mme_bench.config import PerfAnalyzerConfig
 
 log = logging.getLogger(__name__)
 

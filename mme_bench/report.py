@@ -8,9 +8,9 @@ import html
 from pathlib import Path
 from typing import Any, Sequence
 
-from gateway.bench.analysis import Analysis
-from gateway.bench.results import DEFAULT_COLUMNS
-from gateway.bench.runner import RunData
+from mme_bench.analysis import Analysis
+from mme_bench.results import DEFAULT_COLUMNS
+from mme_bench.runner import RunData
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;color:#222;max-width:1400px}

@@ -1,7 +1,7 @@
-"""The `bench` subcommand's arguments and entry point.
+"""What `mme-gateway bench` runs; its arguments are defined in gateway/cli.py.
 
-Only the standard library is imported at module level: `mme-gateway serve` registers this subcommand
-too, and must not pay for matplotlib or aiohttp at start.
+gateway/cli.py imports this module only when the bench command runs, so the server never loads
+matplotlib, pyyaml or tqdm; an ImportError here means the bench extra (`mme-gateway[bench]`) is missing.
 """
 
 from __future__ import annotations
@@ -11,31 +11,23 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from gateway.bench.config import BenchConfig
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-log = logging.getLogger("gateway.bench")
+from gateway import logs
+from mme_bench.analysis import analyse
+from mme_bench.charts import draw_all
+from mme_bench.config import BenchConfig, BenchConfigError, load_config
+from mme_bench.launcher import LaunchError
+from mme_bench.report import write_report
+from mme_bench.results import write_results
+from mme_bench.runner import BenchRunner
 
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="benchmark config (YAML or JSON), e.g. benchmarks/bench-demo.yaml")
-    parser.add_argument("--out", default="bench-results", help="results directory (default: bench-results)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+log = logging.getLogger("mme_bench")
 
 
 def execute(cfg: BenchConfig, out: Path, progress: bool = True) -> dict[str, Path]:
     """Measure, analyse, write raw results, summaries, charts and the HTML report into `out`."""
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from gateway.bench.analysis import analyse
-    from gateway.bench.charts import draw_all
-    from gateway.bench.report import write_report
-    from gateway.bench.results import write_results
-    from gateway.bench.runner import BenchRunner
-
     out.mkdir(parents=True, exist_ok=True)
     runner = BenchRunner(cfg, out, progress)
     try:
@@ -54,10 +46,7 @@ def execute(cfg: BenchConfig, out: Path, progress: bool = True) -> dict[str, Pat
 
 
 def run(args: argparse.Namespace) -> int:
-    from gateway import logs
-    from gateway.bench.config import BenchConfigError, load_config
-    from gateway.bench.launcher import LaunchError
-
+    """`args` as gateway.cli.add_bench_arguments parses them: config, out, no_progress, log_level."""
     logs.configure(args.log_level)
     try:
         cfg = load_config(args.config)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 HOURS_PER_MONTH = 720.0
 """Seed 001's month: 1,000 x 2 x $0.119 x H = $171,360 gives H = 720 (30 days), not 730."""
 
@@ -352,8 +354,6 @@ def load_config(path: str | Path) -> BenchConfig:
     except OSError as exc:
         raise BenchConfigError(f"cannot read config {path}: {exc.strerror}") from None
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from gateway.bench.config import HOURS_PER_MONTH
+from mme_bench.config import HOURS_PER_MONTH
 
 # Seed 001, as printed there (ml.c5.large single-model endpoints vs one ml.r5.2xlarge MME, 2 instances each).
 SEED_SINGLE = ("ml.c5.large", 0.119)

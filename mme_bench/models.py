@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gateway.bench.config import BenchConfig, BenchConfigError, SyntheticModelsConfig
+from mme_bench.config import BenchConfig, BenchConfigError, SyntheticModelsConfig
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from gateway.bench.client import ERROR_CLASSES
+from mme_bench.client import ERROR_CLASSES
 
 LATENCY_FIELDS = ("min_ms", "mean_ms", "median_ms", "p90_ms", "p99_ms", "max_ms")
 

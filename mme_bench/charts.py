@@ -17,8 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from gateway.bench.runner import RunData, SessionLog  # noqa: E402
-from gateway.bench.stats import cumulative_hit_ratio  # noqa: E402
+from mme_bench.runner import RunData, SessionLog  # noqa: E402
+from mme_bench.stats import cumulative_hit_ratio  # noqa: E402
 
 CHART_FILES = {
     "stability_latency": "stability_latency.png",

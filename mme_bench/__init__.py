@@ -14,7 +14,7 @@ from pathlib import Path
 
 def run_benchmark(config_path: str | Path, out_dir: str | Path, progress: bool = True) -> dict[str, Path]:
     """Run the benchmark a config file describes and write the results directory; returns name -> path."""
-    from gateway.bench.cli import execute
-    from gateway.bench.config import load_config
+    from mme_bench.cli import execute
+    from mme_bench.config import load_config
 
     return execute(load_config(config_path), Path(out_dir), progress)

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.bench import cost
-from gateway.bench.config import BenchConfig
-from gateway.bench.runner import RunData, SessionLog
-from gateway.bench.scrape import LOADED, cache_delta
-from gateway.bench.stats import summarize_scopes
+from mme_bench import cost
+from mme_bench.config import BenchConfig
+from mme_bench.runner import RunData, SessionLog
+from mme_bench.scrape import LOADED, cache_delta
+from mme_bench.stats import summarize_scopes
 from gateway.profiles import DEFAULT_PROFILES, InstanceProfile, load_profiles
 
 

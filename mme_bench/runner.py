@@ -20,14 +20,14 @@ from typing import Awaitable, Callable
 
 import aiohttp
 
-from gateway.bench.client import Invoker
-from gateway.bench.config import BenchConfig, TargetConfig
-from gateway.bench.launcher import GatewaySession, start_gateway
-from gateway.bench.loadgen import Segment, SessionContext, run_closed, run_open, run_sequential, warm_up
-from gateway.bench.models import ModelInfo, resolve_models
-from gateway.bench.perf import PerfResult, run_perf_analyzer
-from gateway.bench.scrape import MetricsPoller, scrape
-from gateway.bench.workload import ModelChooser, Payload, PayloadCycle, arrival_schedule, load_payloads
+from mme_bench.client import Invoker
+from mme_bench.config import BenchConfig, TargetConfig
+from mme_bench.launcher import GatewaySession, start_gateway
+from mme_bench.loadgen import Segment, SessionContext, run_closed, run_open, run_sequential, warm_up
+from mme_bench.models import ModelInfo, resolve_models
+from mme_bench.perf import PerfResult, run_perf_analyzer
+from mme_bench.scrape import MetricsPoller, scrape
+from mme_bench.workload import ModelChooser, Payload, PayloadCycle, arrival_schedule, load_payloads
 
 log = logging.getLogger(__name__)
 
