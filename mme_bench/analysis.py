@@ -42,11 +42,11 @@ def _config_cols(s: SessionLog) -> dict[str, Any]:
             "memory_budget_bytes": s.target.memory_budget_bytes}
 
 
-def _summary_rows(s: SessionLog, price: float | None, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def _summary_rows(s: SessionLog, price: float | None) -> list[dict[str, Any]]:
     rows = []
     for seg in s.segments:
         for row in summarize_scopes(seg.records, seg.elapsed_s):
-            out = {**_config_cols(s), **(extra or {}), "level": seg.level,
+            out = {**_config_cols(s), "level": seg.level,
                    "max_concurrency": seg.max_concurrency, "clients": seg.clients, **row}
             if row["scope"] == "all":
                 out["cost_per_million_usd"] = cost.cost_per_million(price, row["tps"]) if price else None
@@ -108,7 +108,7 @@ def analyse(data: RunData) -> Analysis:
     for s in data.sessions_of("stability"):
         a.stability += _summary_rows(s, price_of(s))
     for s in data.sessions_of("concurrency"):
-        a.concurrency += _summary_rows(s, price_of(s), {"cap_applied": s.cap_applied})
+        a.concurrency += _summary_rows(s, price_of(s))
     for s in data.sessions:
         if s.benchmark != "perf_analyzer":
             a.cache += _cache_rows(s)

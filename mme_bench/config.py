@@ -71,7 +71,6 @@ class LauncherConfig:
     extra_args: tuple[str, ...] = ()
     startup_timeout_s: float = 120.0
     stop_timeout_s: float = 30.0
-    max_concurrency_flag: str | None = "--max-concurrency"  # null: the gateway has no cap flag; don't pass it
     work_dir: str | None = None  # default: <out>/work (cache directories and gateway logs)
 
     def __post_init__(self) -> None:

@@ -8,9 +8,8 @@ Two things go wrong in practice and get clear handling:
 - a port taken between choosing it and binding it (another process on the machine): the gateway exits
   with "address already in use" and is started again on another port; a readiness answer only counts
   once our own log says uvicorn bound the port, so another server on that port is never taken for ours;
-- a gateway that does not accept a flag yet: argparse exits with "unrecognized arguments". For the
-  concurrency cap (optional for the benchmark) the gateway is started again without it and the run is
-  marked accordingly; any other unknown flag fails the run with the gateway's own message.
+- a flag the gateway does not accept (in `extra_args`): argparse exits with "unrecognized arguments",
+  and the run fails with the gateway's own message.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mme_bench.config import LauncherConfig, TargetConfig
@@ -60,8 +59,6 @@ class GatewaySession:
     max_concurrency: int | None
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
-    notes: list[str] = field(default_factory=list)
-    cap_applied: bool = True  # False when the gateway refused the concurrency-cap flag
 
     def terminate(self) -> None:
         """Ask the gateway to stop (SIGTERM: it drains and stops its Triton) without waiting for it."""
@@ -82,7 +79,7 @@ class GatewaySession:
 
 
 def serve_command(target: TargetConfig, launcher: LauncherConfig, cache_dir: Path, port: int,
-                  max_concurrency: int | None, with_cap_flag: bool = True) -> list[str]:
+                  max_concurrency: int | None) -> list[str]:
     """The `python -m gateway serve` command line for one session of `target`."""
     python = launcher.python or sys.executable
     cmd = [python, "-m", "gateway", "serve", "--store", str(launcher.store), "--cache-dir", str(cache_dir),
@@ -94,8 +91,8 @@ def serve_command(target: TargetConfig, launcher: LauncherConfig, cache_dir: Pat
     if target.memory_budget_bytes is not None:
         cmd += ["--memory-budget-bytes", str(target.memory_budget_bytes)]
     cap = max_concurrency if max_concurrency is not None else target.max_concurrency
-    if cap is not None and with_cap_flag and launcher.max_concurrency_flag:
-        cmd += [launcher.max_concurrency_flag, str(cap)]
+    if cap is not None:
+        cmd += ["--max-concurrency", str(cap)]
     return cmd + list(launcher.extra_args) + list(target.extra_args)
 
 
@@ -121,20 +118,17 @@ def start_gateway(target: TargetConfig, launcher: LauncherConfig, session_dir: P
         assert target.url is not None
         return GatewaySession(url=target.url.rstrip("/"), target=target.name, max_concurrency=max_concurrency)
     session_dir.mkdir(parents=True, exist_ok=True)
-    with_cap = True
-    notes: list[str] = []
     for attempt in range(4):
         port = free_port()
         cache_dir = session_dir / "cache"
-        cmd = serve_command(target, launcher, cache_dir, port, max_concurrency, with_cap)
+        cmd = serve_command(target, launcher, cache_dir, port, max_concurrency)
         log_path = session_dir / ("gateway.log" if attempt == 0 else f"gateway.retry{attempt}.log")
         log.info("bench.gateway_start", extra={"target": target.name, "port": port, "cmd": " ".join(cmd)})
         with log_path.open("wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(),
                                     preexec_fn=_die_with_parent)
         session = GatewaySession(url=f"http://127.0.0.1:{port}", target=target.name, proc=proc,
-                                 max_concurrency=max_concurrency, log_path=log_path, notes=notes,
-                                 cap_applied=with_cap and bool(launcher.max_concurrency_flag))
+                                 max_concurrency=max_concurrency, log_path=log_path)
         outcome = _wait_ready(session, launcher.startup_timeout_s)
         if outcome == "ready":
             log.info("bench.gateway_ready", extra={"target": target.name, "url": session.url})
@@ -143,14 +137,6 @@ def start_gateway(target: TargetConfig, launcher: LauncherConfig, session_dir: P
         if outcome == "port_taken":
             continue
         unknown = re.search(r"unrecognized arguments: (.*)", tail)
-        if unknown and with_cap and launcher.max_concurrency_flag \
-                and launcher.max_concurrency_flag in unknown.group(1).split():
-            with_cap = False
-            notes.append(f"this gateway does not accept {launcher.max_concurrency_flag}; sessions ran without a "
-                         "concurrency cap (clients still follow the configured max-concurrency settings)")
-            log.warning("bench.cap_flag_unsupported", extra={"target": target.name,
-                                                             "flag": launcher.max_concurrency_flag})
-            continue
         if unknown:
             raise LaunchError(f"target {target.name}: the gateway does not accept {unknown.group(1).strip()!r} "
                               f"(remove it from extra_args or update the gateway).\n{tail}")

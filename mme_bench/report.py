@@ -27,8 +27,8 @@ _LAT = ("min_ms", "mean_ms", "median_ms", "p90_ms", "p99_ms", "max_ms")
 _SHOW = {
     "stability": ("target", "instance_type", "memory_budget_bytes", "scope", "invocations", "ok", "errors",
                   "throttles", *_LAT, "tps", "cost_per_million_usd"),
-    "concurrency": ("target", "instance_type", "max_concurrency", "cap_applied", "clients", "scope", "invocations",
-                    "ok", "throttles", "err_not_ready", "err_4xx", "err_5xx", "err_timeout", "err_connection",
+    "concurrency": ("target", "instance_type", "max_concurrency", "clients", "scope", "invocations", "ok",
+                    "throttles", "err_not_ready", "err_4xx", "err_5xx", "err_timeout", "err_connection",
                     "error_rate", *_LAT, "tps", "cost_per_million_usd"),
     "cache": ("benchmark", "target", "level", "invocations", "cache_hits", "cache_misses", "hit_ratio", "evictions",
               "loads", "download_mean_ms", "load_mean_ms", "loading_wait_mean_ms", "cold_invocations",

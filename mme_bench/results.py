@@ -34,8 +34,8 @@ _SUMMARY = ("invocations", "ok", "errors", "error_rate", "throttles", "err_throt
 DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
     "stability_summary": ("target", "instance_type", "memory_budget_bytes", "level", "max_concurrency", "clients",
                           "scope", *_SUMMARY, "cost_per_million_usd"),
-    "concurrency_summary": ("target", "instance_type", "memory_budget_bytes", "cap_applied", "level",
-                            "max_concurrency", "clients", "scope", *_SUMMARY, "cost_per_million_usd"),
+    "concurrency_summary": ("target", "instance_type", "memory_budget_bytes", "level", "max_concurrency",
+                            "clients", "scope", *_SUMMARY, "cost_per_million_usd"),
     "cache_summary": ("benchmark", "target", "instance_type", "memory_budget_bytes", "level", "invocations",
                       "cache_hits", "cache_misses", "hit_ratio", "evictions", "evictions_disk", "evictions_memory",
                       "loads", "download_mean_ms", "load_mean_ms", "loading_wait_mean_ms", "cold_invocations",

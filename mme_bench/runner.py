@@ -27,7 +27,7 @@ from mme_bench.loadgen import Segment, SessionContext, run_closed, run_open, run
 from mme_bench.models import ModelInfo, resolve_models
 from mme_bench.perf import PerfResult, run_perf_analyzer
 from mme_bench.scrape import MetricsPoller, scrape
-from mme_bench.workload import ModelChooser, Payload, PayloadCycle, arrival_schedule, load_payloads
+from mme_bench.workload import ModelChooser, PayloadCycle, arrival_schedule, load_payloads
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,8 @@ class SessionLog:
     name: str
     url: str
     max_concurrency: int | None
-    cap_applied: bool
     segments: list[Segment]
     timeline: list[dict[str, float]]
-    notes: list[str]
     log_path: Path | None
 
 
@@ -124,8 +122,6 @@ class BenchRunner:
         # Started on the loop's (main) thread on purpose: see launcher._die_with_parent. Nothing is being
         # measured while a gateway starts, so blocking the loop for those seconds costs nothing.
         gw = start_gateway(target, self.launcher, self.work_dir / name, mc)
-        for n in gw.notes:
-            self._note(f"{target.name}: {n}")
         route_key = target.url or "launched"
         try:
             async with Invoker(gw.url, cfg.request.timeout_s, cfg.request.connect_timeout_s, cfg.request.route,
@@ -156,8 +152,8 @@ class BenchRunner:
             # overlap the next gateway's start (measuring only begins once that one answers ready).
             gw.terminate()
             self._stopping.append(gw)
-        self.data.sessions.append(SessionLog(benchmark, target, name, gw.url, mc, gw.cap_applied, segments,
-                                             poller.rows, gw.notes, gw.log_path))
+        self.data.sessions.append(SessionLog(benchmark, target, name, gw.url, mc, segments, poller.rows,
+                                             gw.log_path))
         log.info("bench.session_done", extra={"session": name, "segments": len(segments),
                                               "invocations": sum(len(s.records) for s in segments)})
 
@@ -216,8 +212,3 @@ class BenchRunner:
                 self._note(f"perf_analyzer pass on {target.name} {result.status}: {result.note}")
             return []
         return body
-
-
-def payload_summary(payloads: list[Payload]) -> str:
-    kinds = sorted({p.content_type for p in payloads})
-    return f"{len(payloads)} example(s): {', '.join(kinds)}"

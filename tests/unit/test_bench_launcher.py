@@ -1,6 +1,6 @@
-"""The gateway launcher: the command line it builds, and how it copes with flags a gateway rejects.
+"""The gateway launcher: the command line it builds, and how it reports a flag the gateway rejects.
 
-A small stand-in executable plays the gateway (argparse rejection, then a ready endpoint), so these run in
+A small stand-in executable plays the gateway (argparse rejection, else a ready endpoint), so these run in
 about a second; the real gateway is started by tests/e2e/test_bench.py.
 """
 
@@ -19,7 +19,7 @@ FAKE = textwrap.dedent(f"""\
     #!{sys.executable}
     # Stands in for `python -m gateway serve`: rejects the flags in REJECT like argparse, else serves ready.
     import http.server, sys
-    REJECT = {{"--max-concurrency", "--shiny-new-flag"}}
+    REJECT = {{"--shiny-new-flag"}}
     args = sys.argv[1:]
     bad = [a for a in args if a in REJECT]
     if bad:
@@ -58,21 +58,17 @@ def test_serve_command_passes_the_target_through() -> None:
     assert cmd == ["/py", "-m", "gateway", "serve", "--store", "/s", "--cache-dir", "/c", "--port", "1234",
                    "--grpc-port", "0", "--instance-type", "ml.g5.xlarge", "--memory-budget-bytes", "1000000000",
                    "--max-concurrency", "3", "--log-level", "debug", "--eviction-policy", "gdsf"]
-    # a concurrency benchmark's setting wins over the target's; no flag name, no flag
+    # a concurrency benchmark's setting wins over the target's
     cmd8 = serve_command(target, launcher, Path("/c"), 1, max_concurrency=8)
     assert cmd8.count("--max-concurrency") == 1 and cmd8[cmd8.index("--max-concurrency") + 1] == "8"
-    no_flag = LauncherConfig(store="/s", python="/py", max_concurrency_flag=None)
-    assert "--max-concurrency" not in serve_command(target, no_flag, Path("/c"), 1, max_concurrency=8)
 
 
-def test_a_gateway_without_the_cap_flag_is_started_again_without_it(fake_python: str, tmp_path: Path) -> None:
+def test_a_started_gateway_is_used_once_ready_and_stopped(fake_python: str, tmp_path: Path) -> None:
     launcher = LauncherConfig(store=str(tmp_path), python=fake_python, startup_timeout_s=20)
     session = start_gateway(TargetConfig(name="t"), launcher, tmp_path / "s", max_concurrency=4)
     try:
-        assert not session.cap_applied
-        assert any("does not accept --max-concurrency" in n for n in session.notes)
-        assert (tmp_path / "s" / "gateway.log").read_text().count("unrecognized arguments: --max-concurrency") == 1
-        assert "Uvicorn running" in (tmp_path / "s" / "gateway.retry1.log").read_text()
+        assert session.url.startswith("http://127.0.0.1:") and session.max_concurrency == 4
+        assert "Uvicorn running" in (tmp_path / "s" / "gateway.log").read_text()
     finally:
         session.stop(5)
     assert session.proc is not None and session.proc.poll() is not None

@@ -65,7 +65,7 @@ def run_data() -> RunData:
                 for t in range(5)]
 
     def session(bench: str, target, segments, mc=None):  # type: ignore[no-untyped-def]
-        return SessionLog(bench, target, f"{bench}-{target.name}", "http://h", mc, True, segments, timeline, [], None)
+        return SessionLog(bench, target, f"{bench}-{target.name}", "http://h", mc, segments, timeline, None)
 
     return RunData(cfg, [ModelInfo("a.tar.gz", 320), ModelInfo("b.tar.gz", 330)], sessions=[
         session("stability", small, [Segment("sequential", stab_small, 4.62, snap(0, 0, 0, 0), snap(8, 2, 2, 5),
