@@ -35,6 +35,7 @@ from gateway.naming import ModelKey, model_key  # noqa: E402
 from gateway.policy import make_policy  # noqa: E402
 from gateway.staging import StagedArtifact  # noqa: E402
 from gateway.store.base import ObjectInfo  # noqa: E402
+from mme_bench.workload import zipf_weights  # noqa: E402
 
 MB = 1_000_000
 
@@ -169,8 +170,7 @@ def make_specs(n: int, rng: random.Random) -> list[ModelSpec]:
 
 
 def zipf_trace(n_models: int, alpha: float, length: int, rng: random.Random) -> list[int]:
-    weights = [1.0 / (rank + 1) ** alpha for rank in range(n_models)]
-    return rng.choices(range(n_models), weights=weights, k=length)
+    return rng.choices(range(n_models), weights=zipf_weights(n_models, alpha).tolist(), k=length)
 
 
 async def replay(policy: str, specs: list[ModelSpec], trace: list[int], budget: int, scale: float,

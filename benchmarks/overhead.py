@@ -11,14 +11,11 @@ share this machine's cores, so on a small machine the gateway's CPU competes wit
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -27,37 +24,24 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.demo import write_artifact  # noqa: E402
 from gateway.triton.process import free_port  # noqa: E402
+from mme_bench.config import PerfAnalyzerConfig  # noqa: E402
+from mme_bench.launcher import log_tail, spawn_gateway, wait_ready  # noqa: E402
+from mme_bench.perf import find_binary, parse_pa_csv, perf_command  # noqa: E402
 
-PERF_ANALYZER = Path(sys.executable).parent / "perf_analyzer"
 KEY = "Chicago_IL.tar.gz"
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError("gateway not ready")
-
-
-def perf(model: str, protocol: str, address: str, concurrency: int, window_ms: int, trials: int, out: Path,
-         stability: int = 100) -> dict:
+def perf(binary: str, model: str, protocol: str, address: str, concurrency: int, window_ms: int, trials: int,
+         out: Path, stability: int = 100) -> dict:
     """One perf_analyzer pass; returns throughput and p50/p99 in milliseconds."""
-    cmd = [str(PERF_ANALYZER), "-m", model, "-i", protocol, "-u", address, "--shape", "features:1,6",
-           "-p", str(window_ms), "-s", str(stability), "-r", str(trials), "--concurrency-range", f"{concurrency}:{concurrency}",
-           "-f", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    cfg = PerfAnalyzerConfig(measurement_interval_ms=window_ms, stability_percentage=stability, max_trials=trials,
+                             concurrency_range=f"{concurrency}:{concurrency}", timeout_s=600)
+    proc = subprocess.run(perf_command(binary, cfg, model, address, out, protocol), capture_output=True, text=True,
+                          timeout=cfg.timeout_s)
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"perf_analyzer failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    row = next(csv.DictReader(out.open()))
-    return {"tps": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
-            "p99_ms": float(row["p99 latency"]) / 1000}
+    row = parse_pa_csv(out)[0]
+    return {"tps": row["inferences_per_s"], "p50_ms": row["p50_latency_ms"], "p99_ms": row["p99_latency_ms"]}
 
 
 def main() -> int:
@@ -69,8 +53,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--protocols", nargs="+", default=["http", "grpc"], choices=["http", "grpc"])
     args = parser.parse_args()
-    if not PERF_ANALYZER.exists():
-        raise SystemExit(f"{PERF_ANALYZER} missing: run `make perf-analyzer`")
+    binary = find_binary(None)
+    if binary is None:
+        raise SystemExit(f"{Path(sys.executable).parent / 'perf_analyzer'} missing: run `make perf-analyzer`")
 
     with tempfile.TemporaryDirectory(prefix="mme-overhead-") as tmp:
         work = Path(tmp)
@@ -80,11 +65,12 @@ def main() -> int:
                str(work / "cache"), "--port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
                "--triton-http-port", str(ports["t_http"]), "--triton-grpc-port", str(ports["t_grpc"]),
                "--triton-metrics-port", str(ports["t_metrics"]), "--log-level", "warning"]
-        log = (work / "gateway.log").open("wb")
-        gateway = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        url = f"http://127.0.0.1:{ports['http']}"
+        gateway = spawn_gateway(cmd, url, work / "gateway.log", cwd=ROOT)
         try:
-            url = f"http://127.0.0.1:{ports['http']}"
-            wait_ready(url, gateway)
+            outcome = wait_ready(gateway, 120.0, bound=None)  # --log-level warning: uvicorn's line is not logged
+            if outcome != "ready":
+                raise RuntimeError(f"gateway {outcome}:\n{log_tail(work / 'gateway.log')}")
             body = json.dumps({"inputs": [{"name": "features", "shape": [1, 6], "datatype": "FP32",
                                            "data": [1994, 3188, 5, 1.5, 1.62, 3]}]}).encode()
             urllib.request.urlopen(urllib.request.Request(url + f"/v2/models/{KEY}/infer", data=body), timeout=120)
@@ -104,7 +90,7 @@ def main() -> int:
                 for c in args.concurrency:
                     for where in ("direct", "gateway"):  # interleaved, so drift hits both sides alike
                         model, address = targets[(protocol, where)]
-                        r = perf(model, protocol, address, c, args.window_ms, args.trials,
+                        r = perf(binary, model, protocol, address, c, args.window_ms, args.trials,
                                  work / f"{protocol}-{where}-{c}.csv", args.stability)
                         results[(protocol, where, c)] = r
                         print(f"  {protocol:4} c={c:<2} {where:7}: {r['tps']:8.1f} infer/s  p50 {r['p50_ms']:6.3f} ms"
@@ -118,9 +104,7 @@ def main() -> int:
                           f"{g['p99_ms'] - d['p99_ms']:>12.3f}")
             print("\ntargets: throughput ratio >= 0.85 at concurrency 8; added p50 <= 0.5 ms at concurrency 1")
         finally:
-            gateway.send_signal(signal.SIGTERM)
-            gateway.wait(timeout=60)
-            log.close()
+            gateway.stop(60)
     return 0
 
 

@@ -104,7 +104,7 @@ def _ready(url: str) -> bool:
         return False
 
 
-def _log_tail(path: Path, chars: int = 3000) -> str:
+def log_tail(path: Path, chars: int = 3000) -> str:
     try:
         return path.read_text(errors="replace")[-chars:]
     except OSError:
@@ -124,16 +124,12 @@ def start_gateway(target: TargetConfig, launcher: LauncherConfig, session_dir: P
         cmd = serve_command(target, launcher, cache_dir, port, max_concurrency)
         log_path = session_dir / ("gateway.log" if attempt == 0 else f"gateway.retry{attempt}.log")
         log.info("bench.gateway_start", extra={"target": target.name, "port": port, "cmd": " ".join(cmd)})
-        with log_path.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(),
-                                    preexec_fn=_die_with_parent)
-        session = GatewaySession(url=f"http://127.0.0.1:{port}", target=target.name, proc=proc,
-                                 max_concurrency=max_concurrency, log_path=log_path)
-        outcome = _wait_ready(session, launcher.startup_timeout_s)
+        session = spawn_gateway(cmd, f"http://127.0.0.1:{port}", log_path, target.name, max_concurrency)
+        outcome = wait_ready(session, launcher.startup_timeout_s)
         if outcome == "ready":
             log.info("bench.gateway_ready", extra={"target": target.name, "url": session.url})
             return session
-        tail = _log_tail(log_path)
+        tail = log_tail(log_path)
         if outcome == "port_taken":
             continue
         unknown = re.search(r"unrecognized arguments: (.*)", tail)
@@ -144,18 +140,33 @@ def start_gateway(target: TargetConfig, launcher: LauncherConfig, session_dir: P
     raise LaunchError(f"target {target.name}: could not bind a free port after 4 attempts")
 
 
-_BOUND = "Uvicorn running on"
+def spawn_gateway(cmd: list[str], url: str, log_path: Path, target: str = "gateway",
+                  max_concurrency: int | None = None, cwd: Path | None = None) -> GatewaySession:
+    """Start `cmd`, a gateway that will answer at `url`, with its output in `log_path`; don't wait for it."""
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(), cwd=cwd,
+                                preexec_fn=_die_with_parent)
+    return GatewaySession(url=url, target=target, max_concurrency=max_concurrency, proc=proc, log_path=log_path)
 
 
-def _wait_ready(session: GatewaySession, timeout_s: float) -> str:
+BOUND = "Uvicorn running on"
+
+
+def wait_ready(session: GatewaySession, timeout_s: float, bound: str | None = BOUND) -> str:
+    """"ready" once the gateway answers /v2/health/ready, else why not ("port_taken", "exited with code N",
+    "not ready after Ns", the gateway then stopped).
+
+    The answer must be ours: uvicorn logs `bound` ("Uvicorn running on") only once its own bind succeeded,
+    so another server on the port is never taken for ours. That line is an info log: pass None for a
+    gateway started with --log-level warning or above, and the port is trusted instead.
+    """
     assert session.proc is not None and session.log_path is not None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if session.proc.poll() is not None:
-            return "port_taken" if "address already in use" in _log_tail(session.log_path) else \
+            return "port_taken" if "address already in use" in log_tail(session.log_path) else \
                 f"exited with code {session.proc.returncode}"
-        # The answer must be ours: uvicorn logs "Uvicorn running on" only once its own bind succeeded.
-        if _BOUND in _log_tail(session.log_path, 20000) and _ready(session.url):
+        if (bound is None or bound in log_tail(session.log_path, 20000)) and _ready(session.url):
             return "ready"
         time.sleep(0.2)
     session.stop()

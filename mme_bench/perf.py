@@ -72,6 +72,14 @@ def parse_pa_csv(path: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["concurrency"])
 
 
+def perf_command(binary: str, cfg: PerfAnalyzerConfig, model: str, address: str, csv_path: Path,
+                 protocol: str = "http") -> list[str]:
+    """perf_analyzer's command line for one pass on `model` at `address` (host:port), its CSV into `csv_path`."""
+    return [binary, "-m", model, "-i", protocol, "-u", address, "--shape", cfg.shape,
+            "-p", str(cfg.measurement_interval_ms), "-s", str(cfg.stability_percentage), "-r", str(cfg.max_trials),
+            "--concurrency-range", cfg.concurrency_range, "-f", str(csv_path), *cfg.extra_args]
+
+
 def _answers_model(url: str, model: str) -> tuple[bool, str]:
     try:
         with urllib.request.urlopen(f"{url}/v2/models/{quote(model, safe='/')}", timeout=10) as resp:
@@ -95,10 +103,7 @@ def run_perf_analyzer(cfg: PerfAnalyzerConfig, target: str, url: str, model: str
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"perf_analyzer_{target}.csv"
     csv_path.unlink(missing_ok=True)
-    host = urlparse(url).netloc
-    cmd = [binary, "-m", model, "-i", "http", "-u", host, "--shape", cfg.shape,
-           "-p", str(cfg.measurement_interval_ms), "-s", str(cfg.stability_percentage), "-r", str(cfg.max_trials),
-           "--concurrency-range", cfg.concurrency_range, "-f", str(csv_path), *cfg.extra_args]
+    cmd = perf_command(binary, cfg, model, urlparse(url).netloc, csv_path)
     log.info("bench.perf_analyzer", extra={"target": target, "cmd": " ".join(cmd)})
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.timeout_s)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from mme_bench.config import LauncherConfig, TargetConfig
-from mme_bench.launcher import LaunchError, serve_command, start_gateway
+from gateway.triton.process import free_port
+from mme_bench.launcher import LaunchError, serve_command, spawn_gateway, start_gateway, wait_ready
 
 FAKE = textwrap.dedent(f"""\
     #!{sys.executable}
@@ -37,7 +38,8 @@ FAKE = textwrap.dedent(f"""\
             pass
 
     server = http.server.HTTPServer(("127.0.0.1", port), Ready)
-    print(f"Uvicorn running on http://127.0.0.1:{{port}}", flush=True)
+    if "warning" not in args:  # uvicorn's line is an info log
+        print(f"Uvicorn running on http://127.0.0.1:{{port}}", flush=True)
     server.serve_forever()
 """)
 
@@ -72,6 +74,16 @@ def test_a_started_gateway_is_used_once_ready_and_stopped(fake_python: str, tmp_
     finally:
         session.stop(5)
     assert session.proc is not None and session.proc.poll() is not None
+
+
+def test_a_gateway_logging_only_warnings_is_ready_by_its_port(fake_python: str, tmp_path: Path) -> None:
+    port = free_port()
+    session = spawn_gateway([fake_python, "--port", str(port), "--log-level", "warning"], f"http://127.0.0.1:{port}",
+                            tmp_path / "gateway.log")
+    try:
+        assert wait_ready(session, 20, bound=None) == "ready"
+    finally:
+        session.stop(5)
 
 
 def test_any_other_rejected_flag_fails_with_the_gateways_message(fake_python: str, tmp_path: Path) -> None:
