@@ -7,6 +7,8 @@ COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY model_repo_templates ./model_repo_templates
 COPY triton_backends ./triton_backends
+# The server only: no extras, so neither the benchmark toolkit (mme_bench, the `bench` extra) nor its
+# matplotlib, pyyaml and tqdm are in the image.
 RUN pip install --no-cache-dir -e .
 EXPOSE 8080 8081
 ENTRYPOINT ["mme-gateway"]
