@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gateway.budget import BudgetConfig  # noqa: E402
 from gateway.manager import ManagerConfig, ModelManager  # noqa: E402
 from gateway.ledger import FootprintLedger  # noqa: E402
 from gateway.memory import DeviceMemory  # noqa: E402
@@ -133,7 +134,7 @@ class TimingTriton:
 
 
 class NoProbe:
-    """The timing model has no device: the budget is the only limit (ManagerConfig.device_check is off)."""
+    """The timing model has no device: the budget is the only limit (BudgetConfig.device_check is off)."""
 
     kind = "timing"
 
@@ -189,8 +190,8 @@ async def replay(policy: str, specs: list[ModelSpec], trace: list[int], budget: 
         triton = TimingTriton({model_key(s.key, store.url).triton_name: s for s in specs}, scale)
         manager = ModelManager(store, staging, triton, metrics, policy=make_policy(policy),  # type: ignore[arg-type]
                                probe=NoProbe(), meter=TimingMeter(triton), ledger=ledger,  # type: ignore[arg-type]
-                               config=ManagerConfig(memory_budget_bytes=budget, etag_ttl_s=1e9, device_check=False,
-                                                    wait_timeout_s=1e9, admission_wait_s=1e9))
+                               config=ManagerConfig(etag_ttl_s=1e9, wait_timeout_s=1e9),
+                               budget=BudgetConfig(memory_budget_bytes=budget, device_check=False, admission_wait_s=1e9))
         peak = [0]
 
         async def watch() -> None:  # every step of the event loop: nothing between two awaits is missed

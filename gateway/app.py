@@ -9,6 +9,7 @@ import logging
 from gateway.config import Settings
 from gateway.extract import ExtractLimits
 from gateway.manager import ManagerConfig, ModelManager
+from gateway.budget import BudgetConfig
 from gateway.footprint import TritonMeter
 from gateway.instance_kind import resolve_instance_kinds
 from gateway.ledger import FootprintLedger
@@ -75,12 +76,14 @@ class Gateway:
             config=ManagerConfig(
                 wait_timeout_s=settings.wait_timeout_s,
                 etag_ttl_s=settings.etag_ttl_s,
-                memory_budget_bytes=self.resources.memory_budget_bytes,
-                size_factor=settings.size_factor,
-                instance_overhead_bytes=settings.instance_overhead_bytes,
                 model_cache_enabled=settings.model_cache == "enabled",
                 max_concurrency=self.resources.max_concurrency,
                 queue_timeout_s=settings.queue_timeout_s,
+            ),
+            budget=BudgetConfig(
+                memory_budget_bytes=self.resources.memory_budget_bytes,
+                size_factor=settings.size_factor,
+                instance_overhead_bytes=settings.instance_overhead_bytes,
                 admission_wait_s=settings.admission_wait_s,
                 max_concurrent_loads=settings.max_concurrent_loads,
                 min_residency_s=settings.min_residency_s,
@@ -106,7 +109,7 @@ class Gateway:
         if self.triton:
             self._watcher = asyncio.create_task(self._watch_triton(), name="triton-watch")
         if self.settings.remeasure_interval_s > 0:
-            self._memory_watch = asyncio.create_task(self.manager.watch_memory(), name="memory-watch")
+            self._memory_watch = asyncio.create_task(self.manager.budget.watch(), name="memory-watch")
         self.ready = True
         log.info("gateway.started", extra={"store": self.store.url, "cache_dir": str(self.settings.cache_dir)})
 

@@ -1,4 +1,4 @@
-"""The model lifecycle: one owner for every model's state, single-flight loads, leases, memory admission.
+"""The model lifecycle: one owner for every model's state, single-flight loads, leases, reconciliation.
 
 States: absent -> staging -> staged -> loading -> ready -> unloading (-> staged), plus failed (remembered
 per ETag so a bad artifact is refused at once until it is replaced in the store).
@@ -8,17 +8,11 @@ per ETag so a bad artifact is refused at once until it is replaced in the store)
   serialised every load, ray #65346). A caller that gives up leaves the pipeline running in the
   background, as SageMaker does, and gets "not ready yet, retry".
 - Leases: every request holds a lease on its model for its whole duration; a model with leases is never
-  unloaded, so no request ever races an eviction (Seldon retries on 404 instead).
-- The memory budget holds, because it is enforced on measurements (ModelMesh's size x 1.25 is its users'
-  top complaint): a load reserves its estimate (the ledger's measurement of that artifact, else what was
-  learned for its class, else artifact size x factor) before it starts, within the budget and the device's
-  real free memory; idle models are evicted by the policy to make room. After the load the footprint is
-  measured, and an overshoot evicts at once; loaded models are re-measured in the background and growth is
-  enforced the same way. Loads run at most `max_concurrent_loads` at a time, the first of an unmeasured
-  class alone. A real out-of-memory load failure evicts one idle model per retry. An unloading model's
-  memory counts as used until Triton's index no longer shows it (modelmesh-serving #455).
-- A load finished for waiting callers is theirs first: a model with callers waiting on its pipeline is
-  never a victim, and a model younger than `min_residency_s` goes only when nothing else can.
+  unloaded, so no request ever races an eviction (Seldon retries on 404 instead). Callers waiting on a
+  load count as `waiters`, so the load is theirs before anything can evict it.
+- Memory: `gateway.budget` decides what fits and what goes (admission, enforcement after measuring,
+  growth, the out-of-memory backstop); this module runs the loads and unloads it asks for. An unloading
+  model's memory counts as used until Triton's index no longer shows it (modelmesh-serving #455).
 - Triton's own index is the ground truth for what is loaded: it is reconciled at start and after Triton
   restarts.
 """
@@ -28,31 +22,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
+from gateway.budget import BudgetConfig, MemoryBudget, is_out_of_memory, model_class
 from gateway.errors import (
     GatewayError,
     InsufficientMemory,
     InvalidArtifact,
+    MemoryBusy,
     ModelAlreadyExists,
     ModelBusy,
     ModelLoadFailed,
     ModelNotFound,
     ModelNotReady,
-    MemoryBusy,
     Throttled,
 )
 from gateway.footprint import Meter
-from gateway.ledger import Estimate, FootprintLedger
+from gateway.ledger import FootprintLedger
 from gateway.memory import MemoryProbe
 from gateway.metrics import Metrics
 from gateway.naming import ModelKey, model_key
 from gateway.policy import EvictionPolicy
+from gateway.records import RESIDENT, ModelRecord, State
 from gateway.staging import StagedArtifact, StagingArea
 from gateway.store.base import ArtifactStore, ObjectInfo
 from gateway.store.path import PathSource
@@ -60,8 +54,6 @@ from gateway.triton.control import TritonControl
 
 log = logging.getLogger(__name__)
 
-_OOM = re.compile(r"out of memory|\bOOM\b|MemoryError|Cannot allocate memory|std::bad_alloc|CUDA_ERROR_OUT_OF_MEMORY",
-                  re.IGNORECASE)
 _POLL_S = 0.02
 
 
@@ -71,76 +63,13 @@ def _consume_exception(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-class State(str, Enum):
-    ABSENT = "absent"
-    STAGING = "staging"
-    STAGED = "staged"
-    LOADING = "loading"
-    READY = "ready"
-    UNLOADING = "unloading"
-    FAILED = "failed"
-
-
-_RESIDENT = (State.LOADING, State.READY, State.UNLOADING)  # states whose memory counts against the budget
-
-
-@dataclass
-class ModelRecord:
-    """Everything the gateway knows about one model."""
-
-    model: ModelKey
-    state: State = State.ABSENT
-    etag: str | None = None
-    artifact_bytes: int = 0
-    footprint_bytes: int = 0  # measured after a load, else the estimate it was admitted with
-    footprint_source: str | None = None  # "measured" | "ledger" | "size_x_factor"
-    leases: int = 0
-    hits: int = 0
-    misses: int = 0
-    last_used: float = 0.0
-    loaded_at: float = 0.0  # monotonic time the current load finished
-    used_since_measured: bool = False  # served since its load was measured: growth to look for at once
-    loaded_bytes: int = 0  # measured right after the load, before any request
-    padded: bool = False  # footprint_bytes includes growth expected from the class, not yet measured
-    waiters: int = 0  # callers awaiting this model's pipeline: a model they wait for is not a victim
-    served_since_load: int = 0
-    model_class: str = ""  # backend/framework/instance kind: what learned estimates are kept by
-    instances: int = 1
-    checked_at: float = 0.0  # monotonic time of the last store HEAD that confirmed `etag`
-    download_s: float | None = None
-    load_s: float | None = None
-    error: GatewayError | None = None
-    source: ArtifactStore | None = None  # set for models registered by path (container API); else the store
-    pipeline: asyncio.Task[None] | None = field(default=None, repr=False)
-
-    @property
-    def name(self) -> str:
-        return self.model.triton_name
-
-
 @dataclass(frozen=True)
 class ManagerConfig:
     wait_timeout_s: float = 60.0  # SageMaker answers within 60 s and keeps loading in the background
     etag_ttl_s: float = 30.0  # how long a staged/loaded version is trusted before the store is asked again
-    memory_budget_bytes: int = 1 << 62
-    size_factor: float = 2.0
-    instance_overhead_bytes: int = 96 << 20
     model_cache_enabled: bool = True  # SageMaker's ModelCacheSetting
     max_concurrency: int | None = None
     queue_timeout_s: float = 10.0
-    admission_wait_s: float = 10.0  # how long a load waits for busy models to go idle before 503 (retry)
-    max_concurrent_loads: int = 2
-    min_residency_s: float = 2.0  # a younger model is evicted only when nothing else can go
-    device_check: bool = True  # also fit the device's real free memory (NVML, or the host's MemAvailable)
-    device_reserve_bytes: int = 256 << 20  # device memory never promised to a model
-    remeasure_interval_s: float = 2.0
-    growth_tolerance_bytes: int = 2 << 20  # growth below max(this, growth_tolerance x footprint) is noise
-    growth_tolerance: float = 0.01
-
-
-def model_class(staged: StagedArtifact) -> str:
-    """What learned estimates are kept by: models of one backend, framework and instance kind."""
-    return f"{staged.backend}/{staged.framework}/{staged.instance_kind}"
 
 
 class ModelManager:
@@ -157,6 +86,7 @@ class ModelManager:
         meter: Meter,
         ledger: FootprintLedger,
         config: ManagerConfig = ManagerConfig(),
+        budget: BudgetConfig = BudgetConfig(),
     ) -> None:
         self.store = store
         self.staging = staging
@@ -165,22 +95,17 @@ class ModelManager:
         self.policy = policy
         self.probe = probe
         self.meter = meter
-        self.ledger = ledger
         self.config = config
         self._records: dict[str, ModelRecord] = {}
+        self.budget = MemoryBudget(self._records, policy, probe, meter, ledger, metrics, budget,
+                                   evict=lambda rec, reason: self._evict(rec, reason, chosen=True),
+                                   changed=self._update_gauges)
         self._registered: dict[str, str] = {}  # container-API model name -> Triton name
         self._slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
         self._measure_lock = asyncio.Lock()  # device-wide deltas are only meaningful one load at a time
-        self._load_slots = asyncio.Semaphore(max(config.max_concurrent_loads, 1))
-        self._loads_in_flight = 0
-        self._first_of_class = asyncio.Lock()
-        self._probed_classes: set[str] = set()
-        self._measure_soon = asyncio.Event()  # wakes the background measurement before its interval
-        self._idle = asyncio.Event()  # set when a model's last lease ends: blocked admissions look again
         self._hit = metrics.cache_requests.labels(result="hit")  # labels() costs microseconds per request
         self._miss = metrics.cache_requests.labels(result="miss")
         self._background: set[asyncio.Task[None]] = set()
-        metrics.memory_budget.set(config.memory_budget_bytes)
         if staging.budget_bytes is not None:
             metrics.disk_budget.set(staging.budget_bytes)
 
@@ -188,7 +113,7 @@ class ModelManager:
 
     @property
     def memory_budget_bytes(self) -> int:
-        return self.config.memory_budget_bytes
+        return self.budget.budget_bytes
 
     def records(self) -> list[ModelRecord]:
         return list(self._records.values())
@@ -198,7 +123,7 @@ class ModelManager:
 
     def committed_bytes(self) -> int:
         """Memory of models loaded, loading or not yet confirmed unloaded."""
-        return sum(r.footprint_bytes for r in self._records.values() if r.state in _RESIDENT)
+        return self.budget.committed_bytes()
 
     def _resolve(self, key: str) -> ModelKey:
         """A registered name wins over a store key of the same spelling."""
@@ -241,10 +166,10 @@ class ModelManager:
                 rec.last_used = time.monotonic()
                 self.metrics.in_flight.dec()
                 if rec.leases == 0:
-                    self._idle.set()
+                    self.budget.model_idle()
                 if not rec.used_since_measured:  # a first request grows a model most (arenas, lazy imports)
                     rec.used_since_measured = True
-                    self._measure_soon.set()
+                    self.budget.first_use()
                 if not self.config.model_cache_enabled and rec.leases == 0 and rec.source is None:
                     self._spawn(self._evict(rec, reason="cache_disabled", delete=True))
         finally:
@@ -317,7 +242,7 @@ class ModelManager:
         try:
             await self._run_pipeline(rec)
         except ModelNotFound:
-            if rec.state not in _RESIDENT and rec.source is None:
+            if rec.state not in RESIDENT and rec.source is None:
                 self._records.pop(rec.name, None)
             raise
         except (InvalidArtifact, ModelLoadFailed, InsufficientMemory, MemoryBusy) as exc:
@@ -380,173 +305,30 @@ class ModelManager:
 
     # -- admission and loading ------------------------------------------------------------------------------
 
-    def _estimate(self, staged: StagedArtifact) -> Estimate:
-        per_instance = int(staged.artifact_bytes * self.config.size_factor) + self.config.instance_overhead_bytes
-        return self.ledger.estimate(staged.etag, model_class(staged), staged.instance_count, per_instance,
-                                    ceiling=self.memory_budget_bytes)
 
-    def _device_room(self, rec: ModelRecord) -> int | None:
-        """Bytes the device itself can still give this load: its free memory less the reserve and less what
-        other loads in flight reserved but have not allocated yet. None when the probe cannot say."""
-        if not self.config.device_check:
-            return None
-        try:
-            free = self.probe.device().free_bytes
-        except Exception as exc:  # a probe hiccup must not stop loads: the budget still holds
-            log.warning("memory.device_unreadable", extra={"error": str(exc)})
-            return None
-        pending = sum(r.footprint_bytes for r in self._records.values()
-                      if r.state is State.LOADING and r is not rec and r.footprint_source != "measured")
-        return free - self.config.device_reserve_bytes - pending
 
-    def _idle_victims(self, rec: ModelRecord | None) -> list[ModelRecord]:
-        """Models that may be unloaded now, best first: the policy's order, models younger than the minimum
-        residency last (ModelMesh's churn guard). A model with callers waiting on its load is theirs first."""
-        idle = {
-            r.name: r for r in self._records.values()
-            if r.state is State.READY and r.leases == 0 and r.waiters == 0 and r is not rec
-            and (r.pipeline is None or r.pipeline.done())
-        }
-        ordered = [idle[name] for name in self.policy.victims(list(idle))]
-        young_after = time.monotonic() - self.config.min_residency_s
-        return [r for r in ordered if r.loaded_at <= young_after] + [r for r in ordered if r.loaded_at > young_after]
 
-    def _choose_victims(self, rec: ModelRecord | None, shortfall: int) -> list[ModelRecord] | None:
-        """Idle models whose memory covers `shortfall` bytes, marked UNLOADING; [] if nothing is short, None
-        if even all idle models would not do. Synchronous on purpose: nothing runs between choice and mark."""
-        if shortfall <= 0:
-            return []
-        chosen: list[ModelRecord] = []
-        freed = 0
-        for victim in self._idle_victims(rec):
-            chosen.append(victim)
-            freed += victim.footprint_bytes
-            if freed >= shortfall:
-                break
-        if freed < shortfall:
-            return None
-        for victim in chosen:
-            victim.state = State.UNLOADING  # still counted as used until Triton confirms the unload
-        return chosen
 
-    def _shortfall(self, rec: ModelRecord, need: int) -> tuple[int, str]:
-        """Bytes to free before `need` more fit, and which limit is short: the budget or the device."""
-        budget_short = need - (self.memory_budget_bytes - self.committed_bytes())
-        room = self._device_room(rec)
-        device_short = need - room if room is not None else 0
-        return (device_short, "device_memory") if device_short > budget_short else (budget_short, "memory_pressure")
 
-    def _others_hold_memory(self, rec: ModelRecord) -> bool:
-        """Whether some other model of ours holds or is about to hold memory (so waiting can help)."""
-        return any(r is not rec and r.state in _RESIDENT for r in self._records.values())
 
-    async def _wait_idle(self, deadline: float) -> bool:
-        """Wait until some model's last request ends (or the deadline); False once the deadline has passed."""
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
-            return False
-        self._idle.clear()  # woken the moment some model's last request ends, not by polling
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout=min(remaining, 0.5))
-        return True
 
-    def _refuse(self, reason: str, exc: GatewayError) -> GatewayError:
-        self.metrics.memory_refusals.labels(reason=reason).inc()
-        return exc
 
-    def _refuse_if_too_large(self, rec: ModelRecord, estimate: Estimate) -> None:
-        """507 at once, without a load slot or a load, for a model that cannot fit even alone."""
-        if estimate.bytes > self.memory_budget_bytes:
-            what = "measured once loaded" if estimate.source == "ledger" else f"estimated ({estimate.source})"
-            raise self._refuse("model_too_large", InsufficientMemory(
-                f"model {rec.model.key!r} needs {estimate.bytes} bytes ({what}), more than the whole memory budget "
-                f"of {self.memory_budget_bytes} bytes"))
 
-    async def _admit(self, rec: ModelRecord, estimate: Estimate) -> None:
-        """Reserve `estimate` bytes for `rec`, evicting idle models by the policy until it fits both the
-        budget and the device; 507 when it can never fit, 503 (retry) when busy models hold the memory."""
-        need, budget = estimate.bytes, self.memory_budget_bytes
-        self._refuse_if_too_large(rec, estimate)
-        deadline = asyncio.get_running_loop().time() + self.config.admission_wait_s
-        evicted: list[str] = []
-        while True:
-            shortfall, limit = self._shortfall(rec, need)
-            victims = self._choose_victims(rec, shortfall)
-            if victims == []:
-                break
-            if victims:
-                # Reserve only once the victims are gone: used memory, reservations included, never tops the budget.
-                await asyncio.gather(*(self._evict(v, reason=limit, chosen=True) for v in victims))
-                evicted += [v.model.key for v in victims]
-                continue
-            if limit == "device_memory" and not self._others_hold_memory(rec):
-                raise self._refuse("device_full", InsufficientMemory(
-                    f"model {rec.model.key!r} needs {need} bytes but the device has only {need - shortfall} bytes "
-                    f"free beyond the {self.config.device_reserve_bytes}-byte reserve, and no model of this gateway "
-                    "holds any: other processes use the rest"))
-            if not await self._wait_idle(deadline):
-                raise self._refuse("memory_busy", MemoryBusy(
-                    f"model {rec.model.key!r} needs {need} bytes but only {need - shortfall} can be had now "
-                    f"({limit.replace('_', ' ')}): the models holding the rest are serving requests or loading; "
-                    "retry shortly"))
-        rec.state, rec.footprint_bytes, rec.footprint_source = State.LOADING, need, estimate.source  # the reservation
-        self._update_gauges()
-        log.info("model.admitted", extra={"model": rec.model.key, "need_bytes": need, "estimate_source": estimate.source,
-                                          "evicted": evicted, "committed_bytes": self.committed_bytes(),
-                                          "budget_bytes": budget})
 
-    def _unmeasured(self, staged: StagedArtifact, cls: str) -> bool:
-        """Nothing is known of this artifact's memory. A class whose probe loaded but could not be measured
-        (a CPU model under NVML, a Triton elsewhere) is not probed again: its loads would queue forever."""
-        return (self.ledger.get(staged.etag) is None and not self.ledger.knows_class(cls)
-                and cls not in self._probed_classes)
 
-    async def _probe_class(self, staged: StagedArtifact, cls: str) -> bool:
-        """The first model of a class nobody has measured loads alone: its measurement teaches the estimate
-        of the next ones, which would otherwise all be admitted at once on the same blind guess. Returns
-        whether this load is that probe (and holds the lock); loads that waited behind a probe go on at once."""
-        if not self._unmeasured(staged, cls):
-            return False
-        await self._first_of_class.acquire()
-        if self._unmeasured(staged, cls):
-            return True
-        self._first_of_class.release()
-        return False
-
-    @contextlib.asynccontextmanager
-    async def _load_slot(self, rec: ModelRecord) -> AsyncIterator[None]:
-        """One of `max_concurrent_loads`: parallel loads overshoot estimates together and are a known source
-        of out-of-memory in Triton's Python backend (triton-inference-server/server #7094)."""
-        async with self._load_slots:
-            self._loads_in_flight += 1
-            self.metrics.loads_in_flight.set(self._loads_in_flight)
-            log.info("model.load_started", extra={"model": rec.model.key, "loads_in_flight": self._loads_in_flight})
-            try:
-                yield
-            finally:
-                self._loads_in_flight -= 1
-                self.metrics.loads_in_flight.set(self._loads_in_flight)
 
     async def _load(self, rec: ModelRecord, staged: StagedArtifact) -> None:
         rec.state, rec.etag, rec.artifact_bytes = State.STAGED, staged.etag, staged.artifact_bytes
         rec.model_class, rec.instances = model_class(staged), staged.instance_count
-        self._refuse_if_too_large(rec, self._estimate(staged))
-        probing = await self._probe_class(staged, rec.model_class)
-        try:
-            async with self._load_slot(rec):
-                await self._admit(rec, self._estimate(staged))
-                try:
-                    await self._load_with_backstop(rec, staged)
-                    await self._settle(rec)
-                except BaseException:
-                    if rec.state is State.LOADING:
-                        rec.state = State.STAGED  # the reservation ends with the load
-                    raise
-        finally:
-            if probing:
-                if rec.state is State.LOADING:  # it loaded, measured or not: the class has had its probe
-                    self._probed_classes.add(rec.model_class)
-                self._first_of_class.release()
+        self.budget.refuse_if_too_large(rec, self.budget.estimate(staged))
+        async with self.budget.load_turn(rec, staged):  # `rec` holds its reservation from here
+            try:
+                await self._load_with_backstop(rec, staged)
+                await self.budget.settle(rec, self._unload_loading)
+            except BaseException:
+                if rec.state is State.LOADING:
+                    rec.state = State.STAGED  # the reservation ends with the load
+                raise
         rec.state, rec.error = State.READY, None
         rec.loaded_at, rec.served_since_load, rec.used_since_measured = time.monotonic(), 0, False
         self.policy.record_load(rec.name, rec.footprint_bytes, rec.load_s or 0.0)
@@ -574,31 +356,15 @@ class ModelManager:
         """Load; on a real out-of-memory failure unload one idle model (policy order) and retry, until it
         loads or nothing idle is left: idle models must never hold the memory while every new load fails,
         which is what happens when the budget is wrong (other processes on the GPU, fragmentation)."""
-        deadline = asyncio.get_running_loop().time() + self.config.admission_wait_s
+        deadline = self.budget.deadline()
         while True:
             try:
                 await self._load_measured(rec, staged)
                 return
             except ModelLoadFailed as exc:
-                if not _OOM.search(exc.message):
+                if not is_out_of_memory(exc.message):
                     raise
-                error = exc.message
-            victims = self._idle_victims(rec)
-            log.warning("model.load_oom", extra={"model": rec.model.key, "error": error,
-                                                 "evicting": victims[0].model.key if victims else None})
-            if victims:
-                victims[0].state = State.UNLOADING
-                await self._evict(victims[0], reason="out_of_memory", chosen=True)
-                continue
-            if self._others_hold_memory(rec) and await self._wait_idle(deadline):
-                continue
-            if self._others_hold_memory(rec):
-                raise self._refuse("memory_busy", MemoryBusy(
-                    f"model {rec.model.key!r} ran out of memory loading while the other loaded models kept serving "
-                    f"requests; retry shortly ({error})"))
-            raise self._refuse("out_of_memory", InsufficientMemory(
-                f"model {rec.model.key!r} ran out of memory loading with no other model of this gateway loaded "
-                f"(estimate {rec.footprint_bytes} bytes, budget {self.memory_budget_bytes} bytes): {error}"))
+                await self.budget.after_out_of_memory(rec, exc.message, deadline)
 
     async def _load_measured(self, rec: ModelRecord, staged: StagedArtifact) -> None:
         """Load in Triton and replace the reservation with the measured footprint (state stays LOADING)."""
@@ -620,47 +386,12 @@ class ModelManager:
             else:
                 measured = (await asyncio.to_thread(self.meter.stub_bytes, [rec.name])).get(rec.name)
         if measured and measured > 0:
-            self._account_load(rec, measured)
+            self.budget.account_load(rec, measured)
         self.metrics.loads.labels(result="ok").inc()
         self.metrics.loading.observe(rec.load_s)
         self._update_gauges()
 
-    def _account_load(self, rec: ModelRecord, measured: int) -> None:
-        """Account what the model will hold once it serves, not only what it holds now: what this artifact
-        grew to before (the ledger), else the measurement times its class's learned growth, until its first
-        measurement in use replaces the guess (`remeasure`)."""
-        known = self.ledger.get(rec.etag) if rec.etag else None
-        if known is not None:
-            accounted = max(measured, known)
-        else:
-            accounted = max(measured, int(measured * self.ledger.growth(rec.model_class)))
-        if rec.etag:
-            self.ledger.record(rec.etag, measured, rec.model_class, rec.instances, just_loaded=True)
-        rec.loaded_bytes, rec.padded = measured, accounted > measured
-        rec.footprint_bytes, rec.footprint_source = min(accounted, max(measured, self.memory_budget_bytes)), "measured"
 
-    async def _settle(self, rec: ModelRecord) -> None:
-        """Enforce the budget on the measured footprint before the model is served: a model that alone
-        exceeds it is unloaded and refused (507, remembered through the ledger); otherwise idle models go
-        until everything fits again, or, if busy models hold the memory past the wait, this one goes (503)."""
-        budget = self.memory_budget_bytes
-        if rec.footprint_bytes > budget:  # measured alone over it: accounted growth is capped at the budget
-            await self._unload_loading(rec)
-            raise self._refuse("model_too_large", InsufficientMemory(
-                f"model {rec.model.key!r} measured {rec.footprint_bytes} bytes once loaded, more than the whole "
-                f"memory budget of {budget} bytes"))
-        deadline = asyncio.get_running_loop().time() + self.config.admission_wait_s
-        while (over := self.committed_bytes() - budget) > 0:
-            victims = self._choose_victims(rec, over)
-            if victims:
-                log.info("memory.over_budget_after_load", extra={"model": rec.model.key, "over_bytes": over,
-                                                                 "evicting": [v.model.key for v in victims]})
-                await asyncio.gather(*(self._evict(v, reason="measured_over_budget", chosen=True) for v in victims))
-            elif not await self._wait_idle(deadline):
-                await self._unload_loading(rec)
-                raise self._refuse("memory_busy", MemoryBusy(
-                    f"model {rec.model.key!r} measured {rec.footprint_bytes} bytes once loaded, {over} more than "
-                    "the memory budget has left, and the other models kept serving requests; retry shortly"))
 
     async def _unload_loading(self, rec: ModelRecord) -> None:
         """Take back a load that may not stay (too large, no room); its memory counts until Triton confirms."""
@@ -673,65 +404,9 @@ class ModelManager:
 
     # -- keeping the budget while models serve ---------------------------------------------------------------
 
-    def _grew(self, before: int, now: int) -> bool:
-        """Growth worth accounting: above measurement noise (allocator pages come and go by the MiB)."""
-        return now > before + max(self.config.growth_tolerance_bytes, int(before * self.config.growth_tolerance))
 
-    async def remeasure(self) -> None:
-        """Measure every loaded stub-backed model again; growth counts against the budget at once and idle
-        models are evicted to make up for it, like any other overshoot."""
-        ready = [r for r in self._records.values() if r.state is State.READY]
-        if not ready:
-            return
-        sizes = await asyncio.to_thread(self.meter.stub_bytes, [r.name for r in ready])
-        grown = []
-        for rec in ready:
-            now = sizes.get(rec.name)
-            if rec.state is not State.READY or not now:
-                continue
-            if rec.padded and rec.used_since_measured:  # the first real number in use replaces the guess
-                rec.padded = False
-                rec.footprint_bytes = max(now, rec.loaded_bytes)
-                if rec.etag:
-                    self.ledger.record(rec.etag, now, rec.model_class, rec.instances)
-            if self._grew(rec.footprint_bytes, now):
-                log.info("model.grew", extra={"model": rec.model.key, "from_bytes": rec.footprint_bytes, "to_bytes": now})
-                rec.footprint_bytes, rec.footprint_source = now, "measured"
-                if rec.etag:
-                    self.ledger.record(rec.etag, now, rec.model_class, rec.instances)
-                grown.append(rec)
-        if grown:
-            self._update_gauges()
-            await self._enforce_budget("growth")
 
-    async def _enforce_budget(self, reason: str) -> None:
-        """Evict idle models until committed memory is within the budget again; a model that alone exceeds
-        the whole budget goes first. What busy models hold is taken back on the next pass."""
-        budget = self.memory_budget_bytes
-        while (over := self.committed_bytes() - budget) > 0:
-            too_large = [r for r in self._idle_victims(None) if r.footprint_bytes > budget]
-            if too_large:
-                too_large[0].state = State.UNLOADING
-                victims: list[ModelRecord] | None = too_large[:1]
-            else:
-                victims = self._choose_victims(None, over) or self._choose_victims(None, 1)
-            if not victims:
-                log.warning("memory.over_budget", extra={"over_bytes": over, "reason": reason,
-                                                         "committed_bytes": self.committed_bytes(), "budget_bytes": budget})
-                return
-            await asyncio.gather(*(self._evict(v, reason=reason, chosen=True) for v in victims))
 
-    async def watch_memory(self) -> None:
-        """Re-measure loaded models every `remeasure_interval_s` (cheap: one /proc walk, one NVML call), and
-        at once after a model's first request since its load."""
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._measure_soon.wait(), timeout=self.config.remeasure_interval_s)
-            self._measure_soon.clear()
-            try:
-                await self.remeasure()
-            except Exception:
-                log.exception("memory.remeasure_failed")
 
     # -- unloading -------------------------------------------------------------------------------------
 
@@ -741,9 +416,7 @@ class ModelManager:
             if rec.state is not State.READY or rec.leases > 0 or (rec.pipeline and not rec.pipeline.done()):
                 return False
             rec.state = State.UNLOADING
-        grown = (await asyncio.to_thread(self.meter.stub_bytes, [rec.name])).get(rec.name)
-        if grown and rec.etag:  # learn growth since the last pass: the ledger keeps only a larger number
-            self.ledger.record(rec.etag, grown, rec.model_class, rec.instances)
+        self.budget.learn_before_unload(rec, (await asyncio.to_thread(self.meter.stub_bytes, [rec.name])).get(rec.name))
         started = time.monotonic()
         try:
             await self.control.unload(rec.name)
@@ -838,7 +511,7 @@ class ModelManager:
             rec.etag, rec.artifact_bytes = artifact.etag, artifact.artifact_bytes
             rec.checked_at = 0.0  # trust nothing from before: the next call checks the store
             if ready:
-                estimate = self._estimate(artifact)
+                estimate = self.budget.estimate(artifact)
                 rec.state, rec.loaded_at = State.READY, time.monotonic()
                 rec.model_class, rec.instances = model_class(artifact), artifact.instance_count
                 rec.footprint_bytes, rec.footprint_source = estimate.bytes, estimate.source

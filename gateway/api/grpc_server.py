@@ -35,7 +35,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from gateway.app import Gateway
 from gateway.errors import GatewayError, ModelNotFound
-from gateway.manager import ModelRecord, State
+from gateway.records import ModelRecord, State
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from starlette.routing import Route
 import gateway
 from gateway.app import Gateway
 from gateway.errors import ModelBusy, ModelNotFound
-from gateway.manager import State
+from gateway.records import State
 
 EXTENSIONS = ["classification", "model_repository", "schedule_policy", "model_configuration", "binary_tensor_data",
               "parameters", "statistics"]

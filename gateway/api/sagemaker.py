@@ -84,7 +84,7 @@ from gateway.errors import (
     Throttled,
     TritonUnavailable,
 )
-from gateway.manager import ModelRecord, State
+from gateway.records import ModelRecord, State
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from gateway.manager import ModelRecord
+from gateway.records import ModelRecord
 
 
 def describe(rec: ModelRecord, now: float | None = None) -> dict[str, Any]:

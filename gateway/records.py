@@ -1,0 +1,58 @@
+"""What the gateway knows about each model: its lifecycle state, usage, footprint and load in flight."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from enum import Enum
+
+from gateway.errors import GatewayError
+from gateway.naming import ModelKey
+from gateway.store.base import ArtifactStore
+
+
+class State(str, Enum):
+    ABSENT = "absent"
+    STAGING = "staging"
+    STAGED = "staged"
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+RESIDENT = (State.LOADING, State.READY, State.UNLOADING)  # states whose memory counts against the budget
+
+
+@dataclass
+class ModelRecord:
+    """Everything the gateway knows about one model."""
+
+    model: ModelKey
+    state: State = State.ABSENT
+    etag: str | None = None
+    artifact_bytes: int = 0
+    footprint_bytes: int = 0  # measured after a load, else the estimate it was admitted with
+    footprint_source: str | None = None  # "measured" | "ledger" | "size_x_factor"
+    leases: int = 0
+    hits: int = 0
+    misses: int = 0
+    last_used: float = 0.0
+    loaded_at: float = 0.0  # monotonic time the current load finished
+    used_since_measured: bool = False  # served since its load was measured: growth to look for at once
+    loaded_bytes: int = 0  # measured right after the load, before any request
+    padded: bool = False  # footprint_bytes includes growth expected from the class, not yet measured
+    waiters: int = 0  # callers awaiting this model's pipeline: a model they wait for is not a victim
+    served_since_load: int = 0
+    model_class: str = ""  # backend/framework/instance kind: what learned estimates are kept by
+    instances: int = 1
+    checked_at: float = 0.0  # monotonic time of the last store HEAD that confirmed `etag`
+    download_s: float | None = None
+    load_s: float | None = None
+    error: GatewayError | None = None
+    source: ArtifactStore | None = None  # set for models registered by path (container API); else the store
+    pipeline: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.model.triton_name
