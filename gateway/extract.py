@@ -19,10 +19,10 @@ from gateway.errors import InvalidArtifact
 
 @dataclass(frozen=True)
 class ExtractLimits:
-    """Caps that bound what one archive may unpack to."""
+    """Caps that bound what one archive may unpack to (--max-artifact-bytes and --max-artifact-files)."""
 
-    max_total_bytes: int = 8 << 30
-    max_files: int = 10_000
+    max_total_bytes: int
+    max_files: int
 
 
 def _check_member(member: tarfile.TarInfo, key: str) -> None:
@@ -43,7 +43,7 @@ def _check_member(member: tarfile.TarInfo, key: str) -> None:
         raise InvalidArtifact(f"artifact {key!r}: member {name!r} has an unsupported type")
 
 
-def safe_extract(archive: Path, dest: Path, key: str, limits: ExtractLimits = ExtractLimits()) -> None:
+def safe_extract(archive: Path, dest: Path, key: str, limits: ExtractLimits) -> None:
     """Extract `archive` (tar, optionally gzip-compressed) into the empty directory `dest`.
 
     Raises InvalidArtifact, naming the model and the reason, for corrupt archives and anything unsafe.

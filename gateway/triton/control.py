@@ -33,7 +33,7 @@ def _unreachable(exc: InferenceServerException) -> bool:
 class TritonControl:
     """Load, unload and index models; every call carries a timeout."""
 
-    def __init__(self, grpc_url: str, load_timeout_s: float = 300.0, call_timeout_s: float = 10.0) -> None:
+    def __init__(self, grpc_url: str, load_timeout_s: float, call_timeout_s: float = 10.0) -> None:
         self.grpc_url = grpc_url
         self._client_instance: grpcclient.InferenceServerClient | None = None
         self._load_timeout_s = load_timeout_s

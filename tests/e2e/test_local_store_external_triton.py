@@ -12,6 +12,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
+from gateway.config import default
 from gateway.demo import predict, write_artifact
 from gateway.triton.control import TritonControl
 from gateway.triton.process import TritonProcess, TritonProcessConfig
@@ -25,7 +26,7 @@ def external_gateway(local_store: Path, tmp_path_factory: pytest.TempPathFactory
     work = tmp_path_factory.mktemp("external")
     triton = TritonProcess(TritonProcessConfig(model_repository=work / "cache" / "repo", work_dir=work / "triton"))
     triton.start()
-    control = TritonControl(triton.grpc_url)
+    control = TritonControl(triton.grpc_url, load_timeout_s=default("load_timeout_s"))
 
     async def ready() -> None:
         await triton.wait_ready(control.is_ready)

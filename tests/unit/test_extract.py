@@ -1,12 +1,16 @@
 import io
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from gateway.config import default
 from gateway.errors import InvalidArtifact
 from gateway.extract import ExtractLimits, safe_extract
 from tests.helpers import tar_gz
+
+LIMITS = ExtractLimits(max_total_bytes=default("max_artifact_bytes"), max_files=default("max_artifact_files"))
 
 
 def _write(tmp_path: Path, data: bytes) -> Path:
@@ -23,7 +27,7 @@ def _member(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
 
 def test_a_plain_archive_extracts(tmp_path: Path) -> None:
     archive = _write(tmp_path, tar_gz({"m/config.pbtxt": b"x", "m/1/model.onnx": b"y"}))
-    safe_extract(archive, tmp_path / "out", "k")
+    safe_extract(archive, tmp_path / "out", "k", LIMITS)
     assert (tmp_path / "out/m/1/model.onnx").read_bytes() == b"y"
 
 
@@ -43,34 +47,34 @@ def test_a_plain_archive_extracts(tmp_path: Path) -> None:
 def test_unsafe_members_are_refused_before_anything_is_written(tmp_path, members, extra, reason) -> None:
     archive = _write(tmp_path, tar_gz(members, extra))
     with pytest.raises(InvalidArtifact, match=reason):
-        safe_extract(archive, tmp_path / "out", "k")
+        safe_extract(archive, tmp_path / "out", "k", LIMITS)
     assert not any((tmp_path / "out").rglob("*"))
 
 
 def test_links_inside_the_directory_are_allowed(tmp_path: Path) -> None:
     archive = _write(tmp_path, tar_gz({"1/model.onnx": b"y"}, [_member("latest", tarfile.SYMTYPE, "1")]))
-    safe_extract(archive, tmp_path / "out", "k")
+    safe_extract(archive, tmp_path / "out", "k", LIMITS)
     assert (tmp_path / "out/latest/model.onnx").read_bytes() == b"y"
 
 
 def test_caps_on_size_and_file_count(tmp_path: Path) -> None:
     archive = _write(tmp_path, tar_gz({f"f{i}": b"12345" for i in range(5)}))
     with pytest.raises(InvalidArtifact, match="more than 12 bytes"):
-        safe_extract(archive, tmp_path / "o1", "k", ExtractLimits(max_total_bytes=12))
+        safe_extract(archive, tmp_path / "o1", "k", replace(LIMITS, max_total_bytes=12))
     with pytest.raises(InvalidArtifact, match="more than 3 files"):
-        safe_extract(archive, tmp_path / "o2", "k", ExtractLimits(max_files=3))
+        safe_extract(archive, tmp_path / "o2", "k", replace(LIMITS, max_files=3))
 
 
 @pytest.mark.parametrize("data", [b"", b"not a tarball at all", b"\x1f\x8b\x08\x00garbage-after-gzip-magic"])
 def test_corrupt_archives_are_refused(tmp_path: Path, data: bytes) -> None:
     with pytest.raises(InvalidArtifact, match="k"):
-        safe_extract(_write(tmp_path, data), tmp_path / "out", "k")
+        safe_extract(_write(tmp_path, data), tmp_path / "out", "k", LIMITS)
 
 
 def test_truncated_gzip_is_refused(tmp_path: Path) -> None:
     data = tar_gz({"model.onnx": bytes(range(256)) * 400})
     with pytest.raises(InvalidArtifact, match="not a readable"):
-        safe_extract(_write(tmp_path, data[: len(data) // 2]), tmp_path / "out", "k")
+        safe_extract(_write(tmp_path, data[: len(data) // 2]), tmp_path / "out", "k", LIMITS)
 
 
 def test_uncompressed_tar_is_accepted(tmp_path: Path) -> None:
@@ -79,5 +83,5 @@ def test_uncompressed_tar_is_accepted(tmp_path: Path) -> None:
         info = tarfile.TarInfo("model.onnx")
         info.size = 1
         tar.addfile(info, io.BytesIO(b"z"))
-    safe_extract(_write(tmp_path, buf.getvalue()), tmp_path / "out", "k")
+    safe_extract(_write(tmp_path, buf.getvalue()), tmp_path / "out", "k", LIMITS)
     assert (tmp_path / "out/model.onnx").read_bytes() == b"z"
