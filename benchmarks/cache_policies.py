@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.budget import BudgetConfig  # noqa: E402
+from gateway.config import Settings  # noqa: E402
 from gateway.manager import ManagerConfig, ModelManager  # noqa: E402
 from gateway.ledger import FootprintLedger  # noqa: E402
 from gateway.memory import DeviceMemory  # noqa: E402
@@ -191,7 +192,8 @@ async def replay(policy: str, specs: list[ModelSpec], trace: list[int], budget: 
         manager = ModelManager(store, staging, triton, metrics, policy=make_policy(policy),  # type: ignore[arg-type]
                                probe=NoProbe(), meter=TimingMeter(triton), ledger=ledger,  # type: ignore[arg-type]
                                config=ManagerConfig(etag_ttl_s=1e9, wait_timeout_s=1e9),
-                               budget=BudgetConfig(memory_budget_bytes=budget, device_check=False, admission_wait_s=1e9))
+                               budget=BudgetConfig.from_settings(Settings(store=store.url), memory_budget_bytes=budget,
+                                                                 device_check=False, admission_wait_s=1e9))
         peak = [0]
 
         async def watch() -> None:  # every step of the event loop: nothing between two awaits is missed

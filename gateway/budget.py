@@ -28,9 +28,11 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import AsyncIterator
+from dataclasses import dataclass, fields
+from typing import Any, AsyncIterator
 
+from gateway.config import FIELDS as SETTINGS
+from gateway.config import Settings, default
 from gateway.errors import GatewayError, InsufficientMemory, MemoryBusy
 from gateway.footprint import Meter
 from gateway.ledger import Estimate, FootprintLedger
@@ -61,17 +63,26 @@ def model_class(staged: StagedArtifact) -> str:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    memory_budget_bytes: int = 1 << 62
-    size_factor: float = 2.0  # never-measured estimate: artifact bytes x this + overhead, per instance
-    instance_overhead_bytes: int = 96 << 20
-    admission_wait_s: float = 10.0  # how long a load waits for busy models to go idle before 503 (retry)
-    max_concurrent_loads: int = 2
-    min_residency_s: float = 2.0  # a younger model is evicted only when nothing else can go
+    """The budget's knobs. A field named like a setting is that setting (`gateway.config` declares its default
+    and help; `from_settings` takes them all); the others are internal."""
+
+    memory_budget_bytes: int = 1 << 62  # as resolved by gateway.resources (the setting may be unset)
+    size_factor: float = default("size_factor")  # never-measured estimate: artifact bytes x this + overhead
+    instance_overhead_bytes: int = default("instance_overhead_bytes")
+    admission_wait_s: float = default("admission_wait_s")  # a load waits this for busy models, then 503 (retry)
+    max_concurrent_loads: int = default("max_concurrent_loads")
+    min_residency_s: float = default("min_residency_s")  # a younger model is evicted only when nothing else can go
     device_check: bool = True  # also fit the device's real free memory (NVML, or the host's MemAvailable)
-    device_reserve_bytes: int = 256 << 20  # device memory never promised to a model
-    remeasure_interval_s: float = 2.0
+    device_reserve_bytes: int = default("device_reserve_bytes")  # device memory never promised to a model
+    remeasure_interval_s: float = default("remeasure_interval_s")
     growth_tolerance_bytes: int = 2 << 20  # growth below max(this, growth_tolerance x footprint) is noise
     growth_tolerance: float = 0.01
+
+    @classmethod
+    def from_settings(cls, settings: Settings, memory_budget_bytes: int, **overrides: Any) -> BudgetConfig:
+        """Every setting the budget takes, from `settings`, with the memory budget as resolved."""
+        taken = {f.name: getattr(settings, f.name) for f in fields(cls) if f.name in SETTINGS}
+        return cls(**{**taken, "memory_budget_bytes": memory_budget_bytes, **overrides})
 
 
 class MemoryBudget:

@@ -159,3 +159,15 @@ def test_an_external_triton_needs_both_urls() -> None:
     assert not settings.embedded_triton
     assert settings.resolved_onnx_backend().value == "onnxruntime"
 
+
+
+def test_the_budget_takes_its_settings_from_the_settings() -> None:
+    from gateway.budget import BudgetConfig
+
+    settings = _settings("--store", "s", "--size-factor", "3", "--admission-wait", "4", "--max-concurrent-loads", "5")
+    budget = BudgetConfig.from_settings(settings, memory_budget_bytes=1 << 30, device_check=False)
+    assert (budget.memory_budget_bytes, budget.size_factor, budget.admission_wait_s) == (1 << 30, 3.0, 4.0)
+    assert (budget.max_concurrent_loads, budget.device_check) == (5, False)
+    taken = [f.name for f in dataclasses.fields(BudgetConfig) if f.name in FIELDS and f.name != "memory_budget_bytes"]
+    assert len(taken) == 7
+    assert all(getattr(BudgetConfig(), name) == default(name) for name in taken)  # the declared defaults
