@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.demo import write_artifact  # noqa: E402
+from gateway.naming import model_key  # noqa: E402
+from gateway.store import open_store  # noqa: E402
 from gateway.triton.process import free_port  # noqa: E402
 from mme_bench.config import PerfAnalyzerConfig  # noqa: E402
 from mme_bench.launcher import log_tail, spawn_gateway, wait_ready  # noqa: E402
@@ -74,8 +76,7 @@ def main() -> int:
             body = json.dumps({"inputs": [{"name": "features", "shape": [1, 6], "datatype": "FP32",
                                            "data": [1994, 3188, 5, 1.5, 1.62, 3]}]}).encode()
             urllib.request.urlopen(urllib.request.Request(url + f"/v2/models/{KEY}/infer", data=body), timeout=120)
-            with urllib.request.urlopen(url + "/models", timeout=10) as resp:
-                triton_name = next(m["tritonName"] for m in json.load(resp)["models"] if m["modelName"] == KEY)
+            triton_name = model_key(KEY, open_store(str(work / "store")).url).triton_name  # what Triton calls it
 
             targets = {
                 ("http", "direct"): (triton_name, f"127.0.0.1:{ports['t_http']}"),

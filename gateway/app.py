@@ -1,4 +1,5 @@
-"""Wiring: build the components from Settings, start them in order, supervise Triton, stop them."""
+"""The composition root of the services: build them from Settings, start them in order, supervise Triton,
+stop them. The edges that serve clients are started beside them by `gateway.server`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import logging
 
 from gateway.config import Settings
+from gateway.dataplane import DataPlane
 from gateway.extract import ExtractLimits
 from gateway.manager import ManagerConfig, ModelManager
 from gateway.budget import BudgetConfig
@@ -16,12 +18,13 @@ from gateway.ledger import FootprintLedger
 from gateway.memory import detect_probe
 from gateway.metrics import Metrics
 from gateway.policy import make_policy
-from gateway.proxy import TritonProxy
 from gateway.render import RenderOptions
 from gateway.resources import resolve
 from gateway.staging import StagingArea
 from gateway.store import open_store
 from gateway.triton.control import TritonControl
+from gateway.triton.grpc import TritonGrpc
+from gateway.triton.http import TritonHttp
 from gateway.triton.process import TritonProcess, TritonProcessConfig
 
 log = logging.getLogger(__name__)
@@ -30,7 +33,8 @@ _WATCH_INTERVAL_S = 1.0
 
 
 class Gateway:
-    """The running gateway: store, NVMe staging, Triton (embedded or external), manager and proxy."""
+    """The running gateway's services: store, NVMe staging, Triton (embedded or external) and its clients,
+    the manager, and the data plane every edge calls."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -63,7 +67,8 @@ class Gateway:
         else:
             http_url, grpc_url = str(settings.triton_http_url), str(settings.triton_grpc_url)
         self.control = TritonControl(grpc_url, load_timeout_s=settings.load_timeout_s)
-        self.proxy = TritonProxy(http_url)
+        self.triton_http = TritonHttp(http_url)
+        self.triton_grpc = TritonGrpc(grpc_url)
         self.manager = ModelManager(
             self.store,
             self.staging,
@@ -77,20 +82,12 @@ class Gateway:
                 wait_timeout_s=settings.wait_timeout_s,
                 etag_ttl_s=settings.etag_ttl_s,
                 model_cache_enabled=settings.model_cache == "enabled",
-                max_concurrency=self.resources.max_concurrency,
-                queue_timeout_s=settings.queue_timeout_s,
             ),
-            budget=BudgetConfig(
-                memory_budget_bytes=self.resources.memory_budget_bytes,
-                size_factor=settings.size_factor,
-                instance_overhead_bytes=settings.instance_overhead_bytes,
-                admission_wait_s=settings.admission_wait_s,
-                max_concurrent_loads=settings.max_concurrent_loads,
-                min_residency_s=settings.min_residency_s,
-                device_reserve_bytes=settings.device_reserve_bytes,
-                remeasure_interval_s=settings.remeasure_interval_s,
-            ),
+            budget=BudgetConfig.from_settings(settings, memory_budget_bytes=self.resources.memory_budget_bytes),
         )
+        self.dataplane = DataPlane(self.manager, self.triton_http, self.triton_grpc, self.metrics,
+                                   max_concurrency=self.resources.max_concurrency,
+                                   queue_timeout_s=settings.queue_timeout_s)
         self._watcher: asyncio.Task[None] | None = None
         self._memory_watch: asyncio.Task[None] | None = None
         self.ready = False
@@ -104,7 +101,8 @@ class Gateway:
             await self.triton.wait_ready(self.control.is_ready)
         else:
             await self._wait_external_ready()
-        await self.proxy.start()
+        await self.triton_http.start()
+        await self.triton_grpc.start()
         await self.manager.reconcile()
         if self.triton:
             self._watcher = asyncio.create_task(self._watch_triton(), name="triton-watch")
@@ -147,7 +145,8 @@ class Gateway:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await self.proxy.close()
+        await self.triton_http.close()
+        await self.triton_grpc.close()
         await self.control.close()
         if self.triton:
             await asyncio.to_thread(self.triton.stop)

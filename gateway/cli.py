@@ -14,22 +14,11 @@ log = logging.getLogger("gateway.cli")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from gateway.api.http import build_app
-    from gateway.app import Gateway
+    from gateway.server import run
 
     settings = settings_from_args(args)
     logs.configure(settings.log_level)
-    app = build_app(Gateway(settings))
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-        log_config=None, lifespan="on", access_log=False, timeout_graceful_shutdown=30,
-    )
-    server = uvicorn.Server(config)
-    log.info("gateway.listening", extra={"host": settings.host, "port": settings.port})
-    server.run()
-    return 0 if server.started else 1
+    return run(settings)
 
 
 def _demo_store(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from gateway.budget import BudgetConfig, MemoryBudget, is_out_of_memory, model_class
+from gateway.config import default
 from gateway.errors import (
     GatewayError,
     InsufficientMemory,
@@ -38,7 +39,6 @@ from gateway.errors import (
     ModelLoadFailed,
     ModelNotFound,
     ModelNotReady,
-    Throttled,
 )
 from gateway.footprint import Meter
 from gateway.ledger import FootprintLedger
@@ -65,11 +65,9 @@ def _consume_exception(task: asyncio.Task[None]) -> None:
 
 @dataclass(frozen=True)
 class ManagerConfig:
-    wait_timeout_s: float = 60.0  # SageMaker answers within 60 s and keeps loading in the background
-    etag_ttl_s: float = 30.0  # how long a staged/loaded version is trusted before the store is asked again
+    wait_timeout_s: float = default("wait_timeout_s")  # SageMaker answers within 60 s, loading goes on after
+    etag_ttl_s: float = default("etag_ttl_s")  # how long a staged/loaded version is trusted before a store HEAD
     model_cache_enabled: bool = True  # SageMaker's ModelCacheSetting
-    max_concurrency: int | None = None
-    queue_timeout_s: float = 10.0
 
 
 class ModelManager:
@@ -101,7 +99,6 @@ class ModelManager:
                                    evict=lambda rec, reason: self._evict(rec, reason, chosen=True),
                                    changed=self._update_gauges)
         self._registered: dict[str, str] = {}  # container-API model name -> Triton name
-        self._slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
         self._measure_lock = asyncio.Lock()  # device-wide deltas are only meaningful one load at a time
         self._hit = metrics.cache_requests.labels(result="hit")  # labels() costs microseconds per request
         self._miss = metrics.cache_requests.labels(result="miss")
@@ -154,38 +151,21 @@ class ModelManager:
     async def lease(self, key: str, wait_timeout_s: float | None = None) -> AsyncIterator[ModelRecord]:
         """Make `key` ready (staging and loading it if needed) and hold it loaded while the block runs."""
         model = self._resolve(key)
-        if self._slots is not None:
-            await self._take_slot(model)
+        rec = await self._acquire(model, self.config.wait_timeout_s if wait_timeout_s is None else wait_timeout_s)
+        self.metrics.in_flight.inc()
         try:
-            rec = await self._acquire(model, self.config.wait_timeout_s if wait_timeout_s is None else wait_timeout_s)
-            self.metrics.in_flight.inc()
-            try:
-                yield rec
-            finally:
-                rec.leases -= 1
-                rec.last_used = time.monotonic()
-                self.metrics.in_flight.dec()
-                if rec.leases == 0:
-                    self.budget.model_idle()
-                if not rec.used_since_measured:  # a first request grows a model most (arenas, lazy imports)
-                    rec.used_since_measured = True
-                    self.budget.first_use()
-                if not self.config.model_cache_enabled and rec.leases == 0 and rec.source is None:
-                    self._spawn(self._evict(rec, reason="cache_disabled", delete=True))
+            yield rec
         finally:
-            if self._slots is not None:
-                self._slots.release()
-
-    async def _take_slot(self, model: ModelKey) -> None:
-        """The concurrent-invocation cap (the profile's vCPUs): wait for a slot, then 429."""
-        assert self._slots is not None
-        try:
-            await asyncio.wait_for(self._slots.acquire(), timeout=self.config.queue_timeout_s)
-        except asyncio.TimeoutError:
-            raise Throttled(
-                f"all {self.config.max_concurrency} invocation slots stayed busy for {self.config.queue_timeout_s:.0f}s "
-                f"(model {model.key!r}); retry with backoff"
-            ) from None
+            rec.leases -= 1
+            rec.last_used = time.monotonic()
+            self.metrics.in_flight.dec()
+            if rec.leases == 0:
+                self.budget.model_idle()
+            if not rec.used_since_measured:  # a first request grows a model most (arenas, lazy imports)
+                rec.used_since_measured = True
+                self.budget.first_use()
+            if not self.config.model_cache_enabled and rec.leases == 0 and rec.source is None:
+                self._spawn(self._evict(rec, reason="cache_disabled", delete=True))
 
     async def ensure_ready(self, key: str, wait_timeout_s: float | None = None) -> ModelRecord:
         """Load `key` without holding it (metadata calls, explicit loads)."""
@@ -378,7 +358,8 @@ class ModelManager:
                 await self.control.load(rec.name)
             except ModelLoadFailed as exc:
                 self.metrics.loads.labels(result="failed").inc()
-                raise ModelLoadFailed(f"model {rec.model.key!r} failed to load in Triton: {exc.message}") from None
+                reason = exc.message.replace(rec.name, rec.model.key)  # clients never see internal names
+                raise ModelLoadFailed(f"model {rec.model.key!r} failed to load in Triton: {reason}") from None
             rec.load_s = time.monotonic() - started
             if in_process:
                 after = self.meter.process_wide_bytes()

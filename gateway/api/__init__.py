@@ -1,1 +1,1 @@
-"""Protocol adapters: parse the request, lease the model, proxy to Triton. No lifecycle logic here."""
+"""Protocol edges: each parses its requests and shapes its answers; `gateway.dataplane` does the rest."""

@@ -11,8 +11,7 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 
 from gateway.api.errors import error_response, unexpected_response
-from gateway.api.forward import infer
-from gateway.app import Gateway
+from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError
 
 Scope = dict[str, Any]
@@ -35,9 +34,9 @@ def parse_infer_path(path: str) -> tuple[str, str | None] | None:
 
 
 class InferFastPath:
-    def __init__(self, app: ASGIApp, gw: Gateway) -> None:
+    def __init__(self, app: ASGIApp, dp: DataPlane) -> None:
         self.app = app
-        self.gw = gw
+        self.dp = dp
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -54,12 +53,12 @@ class InferFastPath:
                 break
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            status, body, out = await infer(self.gw, key, b"".join(chunks), headers, "kserve_http", version)
+            answer = await self.dp.infer(key, b"".join(chunks), headers, "kserve_http", version)
         except GatewayError as exc:  # errors are rare: the Starlette app's own answers, as ASGI apps
             return await error_response(exc)(scope, receive, send)
         except Exception as exc:
             return await unexpected_response(scope["path"], exc)(scope, receive, send)
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out.items()]
-        raw.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": raw})
-        await send({"type": "http.response.body", "body": body})
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
+        raw.append((b"content-length", str(len(answer.body)).encode()))
+        await send({"type": "http.response.start", "status": answer.status, "headers": raw})
+        await send({"type": "http.response.body", "body": answer.body})

@@ -1,40 +1,29 @@
-"""The HTTP application: every adapter's routes on one Starlette app, and the gateway's lifespan."""
+"""The HTTP application: every HTTP edge's routes on one Starlette app, KServe inference in front of it."""
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 from starlette.applications import Starlette
 
-from gateway.api import kserve_http, ops, sagemaker
+from gateway.api import kserve_http, ops, sagemaker_container, sagemaker_runtime
 from gateway.api.errors import handle_gateway_error, handle_unexpected
 from gateway.api.fastpath import InferFastPath
-from gateway.api.grpc_server import GrpcEdge
-from gateway.app import Gateway
+from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError
+from gateway.manager import ModelManager
+from gateway.metrics import Metrics
 
 
-def build_app(gw: Gateway) -> InferFastPath:
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        """Start the gateway, then its gRPC edge (it forwards to Triton, so Triton must be up first); stop the
-        edge first, with a short grace, so no gRPC call is still running when Triton goes away."""
-        await gw.start()
-        edge: GrpcEdge | None = None
-        try:
-            if gw.settings.grpc_port:
-                edge = GrpcEdge(gw)
-                await edge.start(gw.settings.host, gw.settings.grpc_port)
-            yield
-        finally:
-            if edge is not None:
-                await edge.stop()  # in-flight calls get a short grace, then are cancelled
-            await gw.stop()
-
+def build_app(dp: DataPlane, manager: ModelManager, metrics: Metrics, store_url: str, ready: Callable[[], bool],
+              lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None) -> InferFastPath:
+    """`manager` serves the container API's registrations; everything else goes through the data plane."""
+    invoker = sagemaker_runtime.Invoker(dp)
     app = Starlette(
-        routes=[*ops.routes(gw), *sagemaker.routes(gw), *kserve_http.routes(gw)],
+        routes=[*kserve_http.health_routes(ready), *ops.routes(metrics), *sagemaker_runtime.routes(invoker),
+                *sagemaker_container.routes(dp, manager, invoker, store_url, ready), *kserve_http.routes(dp)],
         lifespan=lifespan,
         exception_handlers={GatewayError: handle_gateway_error, Exception: handle_unexpected},
     )
-    return InferFastPath(app, gw)
+    return InferFastPath(app, dp)

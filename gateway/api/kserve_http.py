@@ -1,95 +1,65 @@
 """KServe v2 over HTTP: `/v2/models/{TargetModel}/...`, the TargetModel being a store key with slashes.
 
-Inference (`POST .../infer`) is served by the raw-ASGI fast path in `fastpath.py`, in front of these routes;
-bodies go to Triton untouched. Metadata, config and statistics come from Triton too, with the
-Triton name swapped back for the TargetModel the client used (perf_analyzer and tritonclient read these
-before inferring, so a metadata or config call on a cold model loads it). The repository extension maps to
-the gateway's own lifecycle: load stages and loads through the manager, unload evicts an idle model.
+Inference (`POST .../infer`) is served by the raw-ASGI fast path in `fastpath.py`, in front of these routes.
+Metadata, config and statistics come from Triton through the data plane, renamed to the TargetModel the
+client used (perf_analyzer and tritonclient read these before inferring, so a metadata or config call on a
+cold model loads it). The repository extension maps to the gateway's lifecycle.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import gateway
-from gateway.app import Gateway
-from gateway.errors import ModelBusy, ModelNotFound
-from gateway.records import State
+from gateway.dataplane import DataPlane
+from gateway.errors import InvalidRequest
 
 EXTENSIONS = ["classification", "model_repository", "schedule_policy", "model_configuration", "binary_tensor_data",
               "parameters", "statistics"]
-_TRITON_STATES = {State.READY: "READY", State.LOADING: "LOADING", State.UNLOADING: "UNLOADING",
-                  State.STAGING: "LOADING"}
 
 
-def _renamed(body: bytes, key: str, triton_name: str) -> Any:
-    """Triton's JSON with every occurrence of the internal model name replaced by the TargetModel."""
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: (key if k == "name" and v == triton_name else walk(v)) for k, v in node.items()}
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        return node
-    return walk(json.loads(body))
-
-
-def routes(gw: Gateway) -> list[Route]:
-    manager, proxy = gw.manager, gw.proxy
-
-    async def from_triton(request: Request, suffix: str) -> Response:
-        """GET a model resource from Triton after making sure the model is loaded."""
-        key, version = request.path_params["model"], request.path_params.get("version")
-        rec = await manager.ensure_ready(key)
-        path = f"/v2/models/{rec.name}" + (f"/versions/{version}" if version else "") + suffix
-        answer = await proxy.request("GET", path)
-        if answer.status != 200:
-            return Response(answer.body, status_code=answer.status, headers=answer.headers)
-        return JSONResponse(_renamed(answer.body, key, rec.name))
+def routes(dp: DataPlane) -> list[Route]:
+    async def resource(request: Request, suffix: str) -> Response:
+        answer = await dp.resource_json(request.path_params["model"], suffix, request.path_params.get("version"))
+        return Response(answer.body, status_code=answer.status, headers=answer.headers)
 
     async def metadata(request: Request) -> Response:
-        return await from_triton(request, "")
+        return await resource(request, "")
 
     async def config(request: Request) -> Response:
-        return await from_triton(request, "/config")
+        return await resource(request, "/config")
 
     async def stats(request: Request) -> Response:
-        return await from_triton(request, "/stats")
+        return await resource(request, "/stats")
 
     async def ready(request: Request) -> Response:
-        """Ready means loaded now; asking does not load (that is what infer and metadata do)."""
-        rec = manager.record(request.path_params["model"])
-        return Response(status_code=200 if rec is not None and rec.state is State.READY else 400)
+        return Response(status_code=200 if dp.model_ready(request.path_params["model"]) else 400)
 
     async def server_metadata(request: Request) -> Response:
         return JSONResponse({"name": "mme-gateway", "version": gateway.__version__, "extensions": EXTENSIONS})
 
     async def repository_index(request: Request) -> Response:
         body = await request.body()
-        ready_only = bool(body) and bool(json.loads(body).get("ready"))
-        rows = [
-            {"name": rec.model.key, "version": "1", "state": _TRITON_STATES.get(rec.state, "UNAVAILABLE"),
-             "reason": rec.error.message if rec.error else ""}
-            for rec in manager.records()
-            if not ready_only or rec.state is State.READY
-        ]
+        try:
+            spec = json.loads(body) if body else {}
+        except ValueError as exc:
+            raise InvalidRequest(f"the body is not JSON: {exc}") from None
+        ready_only = isinstance(spec, dict) and bool(spec.get("ready"))
+        rows = [{"name": row.key, "version": "1", "state": row.state, "reason": row.reason}
+                for row in dp.index(ready_only)]
         return JSONResponse(rows)
 
     async def repository_load(request: Request) -> Response:
-        await manager.ensure_ready(request.path_params["model"])
+        await dp.load(request.path_params["model"])
         return Response(status_code=200)
 
     async def repository_unload(request: Request) -> Response:
-        key = request.path_params["model"]
-        rec = manager.record(key)
-        if rec is None or rec.state is not State.READY:
-            raise ModelNotFound(f"model {key!r} is not loaded")
-        if not await manager.unload(rec, reason="api"):
-            raise ModelBusy(f"model {key!r} is serving requests; retry the unload when it is idle")
+        await dp.unload(request.path_params["model"])
         return Response(status_code=200)
 
     m, v = "/v2/models/{model:path}", "/v2/models/{model:path}/versions/{version}"
@@ -108,3 +78,14 @@ def routes(gw: Gateway) -> list[Route]:
         Route(m + "/stats", stats, methods=["GET"]),
         Route(m, metadata, methods=["GET"]),
     ]
+
+
+def health_routes(ready: Callable[[], bool]) -> list[Route]:
+    """KServe's server health: live while the process runs, ready once the gateway can load models."""
+    async def live(request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def is_ready(request: Request) -> Response:
+        return Response(status_code=200 if ready() else 503)
+
+    return [Route("/v2/health/live", live, methods=["GET"]), Route("/v2/health/ready", is_ready, methods=["GET"])]

@@ -1,4 +1,4 @@
-"""Operational endpoints: liveness, readiness, Prometheus metrics."""
+"""Operations: Prometheus metrics (health lives with the KServe routes, the SageMaker ping with its API)."""
 
 from __future__ import annotations
 
@@ -6,21 +6,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.app import Gateway
+from gateway.metrics import Metrics
 
 
-def routes(gw: Gateway) -> list[Route]:
-    async def live(request: Request) -> Response:
-        return Response(status_code=200)
+def routes(metrics: Metrics) -> list[Route]:
+    async def render(request: Request) -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def ready(request: Request) -> Response:
-        return Response(status_code=200 if gw.ready else 503)
-
-    async def metrics(request: Request) -> Response:
-        return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    return [
-        Route("/v2/health/live", live, methods=["GET"]),
-        Route("/v2/health/ready", ready, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-    ]
+    return [Route("/metrics", render, methods=["GET"])]

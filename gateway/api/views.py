@@ -13,7 +13,6 @@ def describe(rec: ModelRecord, now: float | None = None) -> dict[str, Any]:
     now = time.monotonic() if now is None else now
     return {
         "modelName": rec.model.key,
-        "tritonName": rec.name,
         "state": rec.state.value,
         "etag": rec.etag,
         "artifactBytes": rec.artifact_bytes,

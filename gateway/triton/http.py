@@ -1,7 +1,7 @@
-"""Forwarding inference to Triton over pooled HTTP connections.
+"""Triton's HTTP data API over pooled keep-alive connections: inference and model resources.
 
 Bodies pass through as bytes: JSON and binary-tensor requests reach Triton unchanged and tensors are never
-decoded in the gateway. Only the model name in the path is rewritten (TargetModel -> Triton name).
+decoded in the gateway. Callers name the model by its Triton name in the path.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Forwarded:
     body: bytes
 
 
-class TritonProxy:
+class TritonHttp:
     """One aiohttp session (keep-alive pool) to Triton's HTTP endpoint."""
 
     def __init__(self, http_url: str, max_connections: int = 256, timeout_s: float = 300.0) -> None:
@@ -52,7 +52,7 @@ class TritonProxy:
         self, method: str, path: str, body: bytes | None = None, headers: Mapping[str, str] | None = None
     ) -> Forwarded:
         """Send `method path` to Triton and return its answer whole."""
-        assert self._session is not None, "TritonProxy.start() not called"
+        assert self._session is not None, "TritonHttp.start() not called"
         fwd = {k: v for k, v in (headers or {}).items() if k.lower() in _FORWARD_REQUEST}
         try:
             async with self._session.request(method, self.base + path, data=body, headers=fwd) as resp:

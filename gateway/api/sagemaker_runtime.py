@@ -1,4 +1,4 @@
-"""The SageMaker edges.
+"""The SageMaker runtime API, as boto3's `sagemaker-runtime` client calls it, and its invocation path.
 
 Runtime API (what boto3's `sagemaker-runtime` client calls): `POST /endpoints/{EndpointName}/invocations`,
 and `POST /invocations`, with the TargetModel in `X-Amzn-SageMaker-Target-Model`. Errors come back in the
@@ -37,26 +37,14 @@ Bodies (`ContentType`): `application/json` (or none) is KServe v2 JSON and passe
 `text/csv` rows are converted for models with exactly one two-dimensional FP32 input (see csv_codec).
 `Accept`: `text/csv` answers CSV, `application/json` the model's v2 answer; absent or `*/*`, the answer
 takes the request's form (CSV in, CSV out).
-
-Multi-model container API (so the image runs as a bring-your-own container behind SageMaker):
-`GET /ping`; `POST /models {"model_name", "url"}` (200; 409 already loaded; 404 no such url; 507 no memory;
-422 unusable artifact); `GET /models?next_page_token=&max_results=` (registered models, then the store
-models the gateway knows, each with its state; `page_size` is accepted for `max_results`);
-`GET /models/{name}`; `DELETE /models/{name}` (404 when not loaded); `POST /models/{name}/invoke` (the same
-body handling as /invocations; errors keep the gateway's own statuses, which SageMaker wraps itself).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
-import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 from starlette.requests import Request
@@ -64,9 +52,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.api.csv_codec import CSV_MEDIA_TYPE, CsvError, csv_input, encode_answer, encode_request, parse_rows
-from gateway.api.forward import restore_model_name
-from gateway.api.views import describe
-from gateway.app import Gateway
+from gateway.dataplane import DataPlane
 from gateway.errors import (
     GatewayError,
     InsufficientMemory,
@@ -76,7 +62,6 @@ from gateway.errors import (
     InvalidRequestBody,
     MemoryBusy,
     ModelAlreadyExists,
-    ModelBusy,
     ModelLoadFailed,
     ModelNotFound,
     ModelNotReady,
@@ -84,7 +69,7 @@ from gateway.errors import (
     Throttled,
     TritonUnavailable,
 )
-from gateway.records import ModelRecord, State
+from gateway.triton.http import Forwarded
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +80,6 @@ VARIANT = "AllTraffic"
 JSON_MEDIA_TYPE = "application/json"
 TRITON_BINARY_MEDIA_TYPE = "application/vnd.sagemaker-triton.binary+json"
 OCTET_MEDIA_TYPE = "application/octet-stream"
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
-_METADATA_CACHE_SIZE = 1024
 
 
 # -- the runtime error shape ---------------------------------------------------------------------------
@@ -246,46 +228,43 @@ class Answer:
 
 
 class Invoker:
-    """Lease the model, convert the body when it is CSV, forward it to Triton, convert the answer back."""
+    """Negotiate the forms, convert a CSV body, forward through the data plane, convert the answer back.
+    Shared by the runtime API and the container API's invoke."""
 
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
-        self._metadata: OrderedDict[tuple[str, str | None], dict[str, Any]] = OrderedDict()
+    def __init__(self, dp: DataPlane) -> None:
+        self.dp = dp
 
     async def invoke(self, key: str, body: bytes, request_headers: Mapping[str, str], protocol: str) -> Answer:
         """Triton's answer for `key`; a status >= 400 is the model's own error (the caller shapes it)."""
-        status = 500
         try:
             form, headers = request_form(request_headers.get("content-type"))
             wanted = answer_form(request_headers.get("accept"), form)
             encoding = request_headers.get("content-encoding")
             if form == "csv" and encoding and encoding.lower() != "identity":
                 raise InvalidRequestBody(f"text/csv bodies must not be compressed (Content-Encoding {encoding!r})")
-            if form != "csv":  # pass-through: what Triton needs to read the body as the client sent it
-                for name in ("inference-header-content-length", "content-encoding"):
-                    if name in request_headers and name not in {h.lower() for h in headers}:
-                        headers[name] = request_headers[name]
-            async with self.gw.manager.lease(key) as rec:
-                if form == "csv":
-                    metadata = await self._model_metadata(rec)
-                    if isinstance(metadata, Answer):
-                        status = metadata.status
-                        return metadata
-                    try:
-                        spec = csv_input(metadata)
-                        rows = parse_rows(body, spec.columns, spec.rows)
-                    except CsvError as exc:
-                        raise InvalidRequestBody(f"TargetModel {key!r}: {exc}") from None
-                    body, headers = encode_request(spec, rows)
-                forwarded = await self.gw.proxy.request("POST", f"/v2/models/{rec.name}/infer", body, headers)
-                payload, answer_headers = restore_model_name(forwarded, rec.name, key)
-            status = forwarded.status
-            return self._answer(key, forwarded.status, payload, answer_headers, wanted)
         except GatewayError as exc:
-            status = exc.status
+            self.dp.metrics.count_request(protocol, exc.status)
             raise
-        finally:
-            self.gw.metrics.count_request(protocol, status)
+        if form != "csv":  # pass-through: what Triton needs to read the body as the client sent it
+            for name in ("inference-header-content-length", "content-encoding"):
+                if name in request_headers and name not in {h.lower() for h in headers}:
+                    headers[name] = request_headers[name]
+        async with self.dp.serving(key, protocol) as (rec, outcome):
+            if form == "csv":
+                metadata = await self.dp.metadata_json(rec)
+                if isinstance(metadata, Forwarded):
+                    outcome.status = metadata.status
+                    return Answer(metadata.status, metadata.body, metadata.headers.get("content-type", JSON_MEDIA_TYPE))
+                try:
+                    spec = csv_input(metadata)
+                    rows = parse_rows(body, spec.columns, spec.rows)
+                except CsvError as exc:
+                    raise InvalidRequestBody(f"TargetModel {key!r}: {exc}") from None
+                body, headers = encode_request(spec, rows)
+            forwarded = await self.dp.forward_infer(rec, key, body, headers)
+            answer = self._answer(key, forwarded.status, forwarded.body, forwarded.headers, wanted)
+            outcome.status = forwarded.status
+            return answer
 
     def _answer(self, key: str, status: int, body: bytes, headers: dict[str, str], wanted: str) -> Answer:
         content_type = headers.get("content-type", JSON_MEDIA_TYPE)
@@ -306,28 +285,11 @@ class Invoker:
             content_type = f"{TRITON_BINARY_MEDIA_TYPE};json-header-size={header_size}"
         return Answer(status, body, content_type)
 
-    async def _model_metadata(self, rec: ModelRecord) -> dict[str, Any] | Answer:
-        cache_key = (rec.name, rec.etag)
-        cached = self._metadata.get(cache_key)
-        if cached is not None:
-            self._metadata.move_to_end(cache_key)
-            return cached
-        answer = await self.gw.proxy.request("GET", f"/v2/models/{rec.name}")
-        if answer.status != 200:
-            return Answer(answer.status, answer.body, answer.headers.get("content-type", JSON_MEDIA_TYPE))
-        metadata = json.loads(answer.body)
-        self._metadata[cache_key] = metadata
-        while len(self._metadata) > _METADATA_CACHE_SIZE:
-            self._metadata.popitem(last=False)
-        return metadata
-
 
 # -- routes ------------------------------------------------------------------------------------------------
 
 
-def routes(gw: Gateway) -> list[Route]:
-    invoker = Invoker(gw)
-
+def routes(invoker: Invoker) -> list[Route]:
     async def invocations(request: Request) -> Response:
         """The runtime API: every outcome in the shape botocore parses."""
         request_id = str(uuid.uuid4())
@@ -355,130 +317,7 @@ def routes(gw: Gateway) -> list[Route]:
             headers[CUSTOM_ATTRIBUTES_HEADER] = custom
         return Response(answer.body, status_code=200, headers=headers, media_type=answer.content_type)
 
-    async def ping(request: Request) -> Response:
-        return JSONResponse({"status": "Healthy" if gw.ready else "Unhealthy"}, status_code=200 if gw.ready else 503)
-
-    # -- the multi-model container API --
-
-    def model_url(rec: ModelRecord, registered: bool) -> str | None:
-        """The `url` a registered model was loaded from; the store object's URL for the store's models."""
-        if registered:
-            path = getattr(rec.source, "path", None)
-            return None if path is None else str(path)
-        return f"{gw.store.url.rstrip('/')}/{rec.model.key}"
-
-    def entry(name: str, rec: ModelRecord, registered: bool, now: float) -> dict[str, Any]:
-        details = {k: v for k, v in describe(rec, now).items() if k != "modelName"}
-        return {"modelName": name, "modelUrl": model_url(rec, registered), "registered": registered, **details}
-
-    def catalogue() -> list[tuple[tuple[str, int], str, ModelRecord, bool]]:
-        """Every model, sorted: registered ones (kind 0) and the store's (kind 1); the sort key pages."""
-        registered = gw.manager.registered()
-        taken = {rec.name for rec in registered.values()}
-        items = [((name, 0), name, rec, True) for name, rec in registered.items()]
-        items += [((rec.model.key, 1), rec.model.key, rec, False)
-                  for rec in gw.manager.records() if rec.name not in taken]
-        return sorted(items, key=lambda item: item[0])
-
-    def lookup(name: str) -> tuple[ModelRecord, bool] | None:
-        """A registered model by name, else a store model the gateway knows by its key."""
-        registered = gw.manager.registered()
-        if name in registered:
-            return registered[name], True
-        taken = {rec.name for rec in registered.values()}
-        store = [rec for rec in gw.manager.records() if rec.model.key == name and rec.name not in taken]
-        return (store[0], False) if store else None
-
-    async def list_models(request: Request) -> Response:
-        params = request.query_params
-        size_text = params.get("max_results") or params.get("page_size") or str(DEFAULT_PAGE_SIZE)
-        try:
-            size = int(size_text)
-        except ValueError:
-            raise InvalidRequest(f"max_results {size_text!r} is not an integer") from None
-        if not 1 <= size <= MAX_PAGE_SIZE:
-            raise InvalidRequest(f"max_results must be between 1 and {MAX_PAGE_SIZE}, not {size}")
-        after = _decode_token(params.get("next_page_token"))
-        items = [item for item in catalogue() if after is None or item[0] > after]
-        page, rest = items[:size], items[size:]
-        now = time.monotonic()
-        body: dict[str, Any] = {"models": [entry(name, rec, reg, now) for _, name, rec, reg in page]}
-        if rest:
-            body["nextPageToken"] = _encode_token(page[-1][0])
-        return JSONResponse(body)
-
-    async def load_model(request: Request) -> Response:
-        try:
-            spec = json.loads(await request.body() or b"null")
-        except ValueError as exc:
-            raise InvalidRequest(f"the body is not JSON: {exc}") from None
-        if not isinstance(spec, dict):
-            raise InvalidRequest('the body must be a JSON object {"model_name": ..., "url": ...}')
-        name, url = spec.get("model_name"), spec.get("url")
-        if not isinstance(name, str) or not name:
-            raise InvalidRequest("model_name is missing or not a string")
-        if not isinstance(url, str) or not url:
-            raise InvalidRequest("url is missing or not a string")
-        path = Path(url.removeprefix("file://"))
-        if not path.exists():
-            raise ModelNotFound(f"model {name!r}: {url} does not exist")
-        rec = await gw.manager.register(name, path)
-        log.info("sagemaker.model_registered", extra={"model": name, "url": url})
-        return JSONResponse(entry(name, rec, True, time.monotonic()))
-
-    async def get_model(request: Request) -> Response:
-        name = request.path_params["name"]
-        found = lookup(name)
-        if found is None:
-            raise ModelNotFound(f"model {name!r} is not loaded")
-        return JSONResponse(entry(name, found[0], found[1], time.monotonic()))
-
-    async def delete_model(request: Request) -> Response:
-        name = request.path_params["name"]
-        if name in gw.manager.registered():
-            await gw.manager.deregister(name)
-            return JSONResponse({"modelName": name, "status": "unloaded"})
-        found = lookup(name)
-        if found is None or found[0].state is not State.READY:
-            raise ModelNotFound(f"model {name!r} is not loaded")
-        if not await gw.manager.unload(found[0], reason="api"):
-            raise ModelBusy(f"model {name!r} is serving requests or loading; retry shortly")
-        return JSONResponse({"modelName": name, "status": "unloaded"})
-
-    async def invoke_model(request: Request) -> Response:
-        """The container API's invoke: registered names only; errors keep the gateway's statuses."""
-        name = request.path_params["name"]
-        if name not in gw.manager.registered():
-            raise ModelNotFound(f"model {name!r} is not loaded")
-        custom = request.headers.get(CUSTOM_ATTRIBUTES_HEADER)
-        answer = await invoker.invoke(name, await request.body(), request.headers, "sagemaker_container")
-        headers = {CUSTOM_ATTRIBUTES_HEADER: custom} if custom is not None and answer.status < 400 else None
-        return Response(answer.body, status_code=answer.status, headers=headers, media_type=answer.content_type)
-
     return [
-        Route("/ping", ping, methods=["GET"]),
         Route("/invocations", invocations, methods=["POST"]),
         Route("/endpoints/{endpoint}/invocations", invocations, methods=["POST"]),
-        Route("/models", list_models, methods=["GET"]),
-        Route("/models", load_model, methods=["POST"]),
-        # `{name:path}` is greedy: the `/invoke` route comes first so a name never swallows the suffix.
-        Route("/models/{name:path}/invoke", invoke_model, methods=["POST"]),
-        Route("/models/{name:path}", get_model, methods=["GET"]),
-        Route("/models/{name:path}", delete_model, methods=["DELETE"]),
     ]
-
-
-def _encode_token(position: tuple[str, int]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(list(position)).encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str | None) -> tuple[str, int] | None:
-    if not token:
-        return None
-    try:
-        name, kind = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        if not isinstance(name, str) or kind not in (0, 1):
-            raise ValueError(token)
-        return name, kind
-    except (ValueError, TypeError, binascii.Error):
-        raise InvalidRequest(f"next_page_token {token!r} is not a token this gateway issued") from None

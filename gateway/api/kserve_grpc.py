@@ -5,17 +5,13 @@ model name; the gateway makes that model ready and talks to Triton under the mod
 Triton answers with its own name (metadata, config, statistics, inference responses, error messages) is
 rewritten back to the TargetModel, so tritonclient and perf_analyzer find the names they asked for.
 
-- ModelInfer is the hot path. It is registered without a deserializer and forwarded over one pooled
-  `grpc.aio` channel as bytes: the request is parsed with upb only to read and rewrite `model_name`
-  (about 2.5 us for a small request; a hand-written wire-format splice measured slower in Python), and
-  tensors are never decoded into numpy. The answer gets its `model_name` put back the same way (~1 us).
-  The lease and this rewriting add ~30 us a request; grpc.aio's own server + client call costs far more
-  (a bare raw-bytes grpc.aio proxy measured about the same CPU per request as this edge), so the edge stays
-  on uvloop, where grpc.aio measured ~30% cheaper than on the default loop.
+- ModelInfer is the hot path. It is registered without a deserializer; the data plane parses the request
+  with upb only to read and rewrite `model_name` and forwards it as bytes (`gateway.triton.grpc`), so
+  tensors are never decoded into numpy. The edge runs on uvloop, where grpc.aio measured ~30% cheaper.
 - ModelStreamInfer is forwarded as one upstream stream per client stream; the stream holds a lease on each
   model it has used until it closes, so no model is unloaded under an open stream.
-- The repository calls are mapped to the gateway's own lifecycle (index: the gateway's records; load:
-  `ensure_ready`; unload: `ModelManager.unload`), not to Triton's repository, which holds internal names.
+- The repository calls are the data plane's, mapped to the gateway's own lifecycle, not to Triton's
+  repository, which holds internal names.
 - Server-wide settings of the shared Triton (shared memory, trace, log settings) are refused with
   UNIMPLEMENTED: one client must not change them for every other model's clients.
 """
@@ -25,31 +21,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc
 
-from gateway.app import Gateway
-from gateway.errors import GatewayError, ModelNotFound
-from gateway.records import ModelRecord, State
+from gateway.dataplane import DataPlane, http_status, rename_text
+from gateway.errors import GatewayError, ModelBusy
+from gateway.records import ModelRecord
+from gateway.triton.grpc import SERVICE, UNLIMITED, TritonRpcError
 
 log = logging.getLogger(__name__)
 
-SERVICE = "inference.GRPCInferenceService"
 PROTOCOL = "kserve_grpc"  # the `protocol` label of mme_requests_total
 
 _CALL_TIMEOUT_S = 10.0  # metadata, config, statistics: Triton answers these from memory
 _INFER_TIMEOUT_S = 300.0  # upper bound on one inference when the client sets no deadline
 _STREAM_TIMEOUT_S = 3600.0  # upper bound on one ModelStreamInfer stream when the client sets no deadline
 _UNLOAD_WAIT_S = 10.0  # how long an unload waits for in-flight requests and loads of that model
-_POLL_S = 0.02
-_UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 # SO_REUSEPORT off: a second gateway on the same port must fail to start, not share the port silently.
-_SERVER_OPTIONS = [*_UNLIMITED, ("grpc.so_reuseport", 0)]
+_SERVER_OPTIONS = [*UNLIMITED, ("grpc.so_reuseport", 0)]
 # Extensions Triton advertises that the gateway does not serve (see the module docstring).
 _HIDDEN_EXTENSIONS = {"system_shared_memory", "cuda_shared_memory", "trace", "logging"}
 
@@ -64,65 +57,22 @@ _GRPC_FOR_HTTP = {
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
     507: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
-_HTTP_FOR_GRPC = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.FAILED_PRECONDITION: 422,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-_TRITON_STATE = {
-    State.READY: "READY",
-    State.STAGING: "LOADING",
-    State.LOADING: "LOADING",
-    State.UNLOADING: "UNLOADING",
-}  # absent, staged and failed models are not in Triton: UNAVAILABLE
-
-T = TypeVar("T")
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-class RpcFailure(Exception):
-    """An answer that is a gRPC status: Triton's error (names rewritten) or a refusal of the edge itself."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-    @classmethod
-    def upstream(cls, exc: grpc.aio.AioRpcError, rec: ModelRecord | None = None) -> "RpcFailure":
-        details = exc.details() or exc.code().name
-        return cls(exc.code(), _rename(details, {rec.name: rec.model.key} if rec is not None else {}))
-
-
 def grpc_code(exc: GatewayError) -> grpc.StatusCode:
-    """The gRPC status for a gateway error: every protocol agrees on what went wrong via its HTTP status."""
+    """The gRPC status for a gateway error: every protocol agrees on what went wrong via its HTTP status
+    (a busy model is a precondition, not an existing name)."""
+    if isinstance(exc, ModelBusy):
+        return grpc.StatusCode.FAILED_PRECONDITION
     return _GRPC_FOR_HTTP.get(exc.status, grpc.StatusCode.INTERNAL)
-
-
-def http_status(code: grpc.StatusCode) -> int:
-    """The HTTP status a gRPC outcome counts as in mme_requests_total, so dashboards read alike for all."""
-    return _HTTP_FOR_GRPC.get(code, 500)
 
 
 def _parse(cls: type[Message], raw: bytes) -> Any:
     try:
         return cls.FromString(raw)
     except DecodeError as exc:
-        raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {cls.__name__}: {exc}") from None
-
-
-def _rename(text: str, names: dict[str, str]) -> str:
-    """Triton's messages name models by their Triton names; clients know them by their TargetModels."""
-    for triton_name, key in names.items():
-        text = text.replace(triton_name, key)
-    return text
+        raise TritonRpcError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {cls.__name__}: {exc}") from None
 
 
 def _remaining(context: grpc.aio.ServicerContext, cap_s: float) -> float:
@@ -132,27 +82,19 @@ def _remaining(context: grpc.aio.ServicerContext, cap_s: float) -> float:
 
 
 class GrpcEdge:
-    """The gateway's gRPC server and its one pooled channel to Triton."""
+    """The gateway's gRPC server; Triton is reached through the data plane's gRPC client."""
 
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    def __init__(self, dp: DataPlane, ready: Callable[[], bool]) -> None:
+        self.dp = dp
+        self._ready = ready
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: service_pb2_grpc.GRPCInferenceServiceStub | None = None
-        self._infer: grpc.aio.UnaryUnaryMultiCallable | None = None
-        self._stream: grpc.aio.StreamStreamMultiCallable | None = None
         self._server_metadata: pb.ServerMetadataResponse | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> int:
-        """Open the channel to Triton and listen on host:port (inside the running loop: grpc.aio binds to it)."""
-        self._channel = grpc.aio.insecure_channel(self.gw.control.grpc_url, options=_UNLIMITED)
-        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        # No (de)serializers: bytes in, bytes out; the handlers parse only what they rewrite.
-        self._infer = self._channel.unary_unary(f"/{SERVICE}/ModelInfer", _registered_method=True)
-        self._stream = self._channel.stream_stream(f"/{SERVICE}/ModelStreamInfer", _registered_method=True)
+        """Listen on host:port (inside the running loop: grpc.aio binds to it)."""
         server = grpc.aio.server(options=_SERVER_OPTIONS)
         handlers = self._handlers()
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -161,21 +103,17 @@ class GrpcEdge:
         try:
             bound = server.add_insecure_port(address)
         except RuntimeError as exc:
-            await self._channel.close()
             raise RuntimeError(f"gRPC edge cannot listen on {address}: {exc}") from None
         await server.start()
         self._server, self.port = server, bound
-        log.info("grpc.listening", extra={"host": host, "port": bound, "triton_grpc": self.gw.control.grpc_url})
+        log.info("grpc.listening", extra={"host": host, "port": bound})
         return bound
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        """Let in-flight calls finish for `grace_s`, then cancel the rest and close the channel."""
+        """Let in-flight calls finish for `grace_s`, then cancel the rest."""
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
         log.info("grpc.stopped", extra={"port": self.port})
 
     def _handlers(self) -> dict[str, grpc.RpcMethodHandler]:
@@ -219,7 +157,7 @@ class GrpcEdge:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 return await fn(request, context)
-            except (GatewayError, RpcFailure, grpc.aio.AioRpcError) as exc:
+            except (GatewayError, TritonRpcError) as exc:
                 await self._abort(context, exc)
             except grpc.aio.AbortError:
                 raise
@@ -230,9 +168,7 @@ class GrpcEdge:
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         if isinstance(exc, GatewayError):
             await context.abort(grpc_code(exc), exc.message, trailing_metadata=(("mme-error-code", exc.code),))
-        if isinstance(exc, grpc.aio.AioRpcError):
-            exc = RpcFailure.upstream(exc)
-        assert isinstance(exc, RpcFailure)
+        assert isinstance(exc, TritonRpcError)
         if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
             log.warning("grpc.upstream_error", extra={"code": exc.code.name, "error": exc.details})
         await context.abort(exc.code, exc.details)
@@ -243,11 +179,11 @@ class GrpcEdge:
         await context.abort(grpc.StatusCode.INTERNAL, f"internal gateway error: {type(exc).__name__}")
 
     def _count(self, status: int) -> None:
-        self.gw.metrics.count_request(PROTOCOL, status)
+        self.dp.metrics.count_request(PROTOCOL, status)
 
     def _wait_s(self, context: grpc.aio.ServicerContext) -> float:
         """How long to wait for a model to load: the manager's bound, or less if the client's deadline is nearer."""
-        return _remaining(context, self.gw.manager.config.wait_timeout_s)
+        return _remaining(context, self.dp.wait_timeout_s)
 
     # -- server-wide calls -------------------------------------------------------------------------------
 
@@ -255,13 +191,12 @@ class GrpcEdge:
         return pb.ServerLiveResponse(live=True)
 
     async def _server_ready(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.gw.ready)
+        return pb.ServerReadyResponse(ready=self._ready())
 
     async def _server_metadata_call(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         """Triton's name and version (cached: they cannot change), minus the extensions the gateway refuses."""
         if self._server_metadata is None:
-            assert self._stub is not None
-            answer = await self._stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=_CALL_TIMEOUT_S)
+            answer = await self.dp.grpc.stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=_CALL_TIMEOUT_S)
             kept = [e for e in answer.extensions if e not in _HIDDEN_EXTENSIONS]
             self._server_metadata = pb.ServerMetadataResponse(name=answer.name, version=answer.version,
                                                               extensions=kept)
@@ -269,38 +204,21 @@ class GrpcEdge:
 
     # -- model-scoped calls --------------------------------------------------------------------------------
 
-    async def _on_ready(self, key: str, context: grpc.aio.ServicerContext,
-                        call: Callable[[str], Awaitable[T]]) -> tuple[T, ModelRecord]:
-        """Make `key` ready, then run `call(triton_name)`; load again once if it was unloaded in between
-        (these calls hold no lease, like the manager's `ensure_ready`, so an eviction can slip in)."""
-        for attempt in (1, 2):
-            rec = await self.gw.manager.ensure_ready(key, self._wait_s(context))
-            try:
-                return await call(rec.name), rec
-            except grpc.aio.AioRpcError as exc:
-                if attempt == 1 and rec.state is not State.READY:
-                    continue
-                raise RpcFailure.upstream(exc, rec) from None
-        raise AssertionError("unreachable")
-
     async def _model_ready(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         """From the gateway's state, without loading: 'ready' means a call now would not wait for a load."""
-        rec = self.gw.manager.record(request.name)
-        return pb.ModelReadyResponse(ready=rec is not None and rec.state is State.READY)
+        return pb.ModelReadyResponse(ready=self.dp.model_ready(request.name))
 
     async def _model_metadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        assert self._stub is not None
-        stub = self._stub
-        answer, _ = await self._on_ready(request.name, context, lambda name: stub.ModelMetadata(
-            pb.ModelMetadataRequest(name=name, version=request.version), timeout=_CALL_TIMEOUT_S))
+        stub = self.dp.grpc.stub
+        answer = await self.dp.resource_grpc(request.name, lambda name: stub.ModelMetadata(
+            pb.ModelMetadataRequest(name=name, version=request.version), timeout=_CALL_TIMEOUT_S), self._wait_s(context))
         answer.name = request.name
         return answer
 
     async def _model_config(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        assert self._stub is not None
-        stub = self._stub
-        answer, _ = await self._on_ready(request.name, context, lambda name: stub.ModelConfig(
-            pb.ModelConfigRequest(name=name, version=request.version), timeout=_CALL_TIMEOUT_S))
+        stub = self.dp.grpc.stub
+        answer = await self.dp.resource_grpc(request.name, lambda name: stub.ModelConfig(
+            pb.ModelConfigRequest(name=name, version=request.version), timeout=_CALL_TIMEOUT_S), self._wait_s(context))
         answer.config.name = request.name
         return answer
 
@@ -308,15 +226,15 @@ class GrpcEdge:
                                 context: Any) -> pb.ModelStatisticsResponse:
         """One model's statistics (loading it, as perf_analyzer expects), or every gateway model's: models
         Triton holds that the gateway does not know are left out, their internal names mean nothing here."""
-        assert self._stub is not None
-        stub = self._stub
+        stub = self.dp.grpc.stub
         if request.name:
-            answer, _ = await self._on_ready(request.name, context, lambda name: stub.ModelStatistics(
-                pb.ModelStatisticsRequest(name=name, version=request.version), timeout=_CALL_TIMEOUT_S))
+            answer = await self.dp.resource_grpc(request.name, lambda name: stub.ModelStatistics(
+                pb.ModelStatisticsRequest(name=name, version=request.version), timeout=_CALL_TIMEOUT_S),
+                self._wait_s(context))
             for stats in answer.model_stats:
                 stats.name = request.name
             return answer
-        keys = {rec.name: rec.model.key for rec in self.gw.manager.records()}
+        keys = self.dp.names()
         answer = await stub.ModelStatistics(pb.ModelStatisticsRequest(), timeout=_CALL_TIMEOUT_S)
         out = pb.ModelStatisticsResponse()
         for stats in answer.model_stats:
@@ -330,96 +248,56 @@ class GrpcEdge:
 
     async def _repository_index(self, request: pb.RepositoryIndexRequest,
                                 context: Any) -> pb.RepositoryIndexResponse:
-        """The models the gateway knows (not the whole store: it may hold thousands), in Triton's states."""
         out = pb.RepositoryIndexResponse()
-        for rec in sorted(self.gw.manager.records(), key=lambda r: r.model.key):
-            state = _TRITON_STATE.get(rec.state, "UNAVAILABLE")
-            if request.ready and state != "READY":
-                continue
-            reason = rec.error.message if rec.error is not None and rec.state is State.FAILED else ""
-            out.models.add(name=rec.model.key, state=state, reason=reason)
+        for row in self.dp.index(request.ready):
+            out.models.add(name=row.key, version="1", state=row.state, reason=row.reason)
         return out
 
     async def _repository_load(self, request: pb.RepositoryModelLoadRequest,
                                context: Any) -> pb.RepositoryModelLoadResponse:
         if request.parameters:
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"load parameters ({', '.join(sorted(request.parameters))}) are not supported: the "
-                             "gateway loads each model from its store as the artifact describes it")
-        rec = await self.gw.manager.ensure_ready(request.model_name, self._wait_s(context))
-        log.info("grpc.model_load", extra={"model": rec.model.key, "triton_name": rec.name})
+            raise TritonRpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"load parameters ({', '.join(sorted(request.parameters))}) are not supported: the "
+                                 "gateway loads each model from its store as the artifact describes it")
+        await self.dp.load(request.model_name, self._wait_s(context))
         return pb.RepositoryModelLoadResponse()
 
     async def _repository_unload(self, request: pb.RepositoryModelUnloadRequest,
                                  context: Any) -> pb.RepositoryModelUnloadResponse:
-        """Unload once the model's in-flight requests and any load in progress are done (bounded wait)."""
-        rec = self.gw.manager.record(request.model_name)
-        if rec is None:
-            raise ModelNotFound(f"model {request.model_name!r} is not known to the gateway")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _remaining(context, _UNLOAD_WAIT_S)
-        while not await self.gw.manager.unload(rec, reason="api"):
-            busy = rec.state in _TRITON_STATE or (rec.pipeline is not None and not rec.pipeline.done())
-            if not busy:
-                break  # not loaded: nothing to do, as Triton answers for a model it does not hold
-            if loop.time() > deadline:
-                raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"model {rec.model.key!r} is still serving {rec.leases} request(s) or loading "
-                                 f"(state {rec.state.value}) after {_UNLOAD_WAIT_S:.0f}s; retry the unload")
-            await asyncio.sleep(_POLL_S)
-        log.info("grpc.model_unload", extra={"model": rec.model.key, "state": rec.state.value})
+        await self.dp.unload(request.model_name, _remaining(context, _UNLOAD_WAIT_S))
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference ------------------------------------------------------------------------------------------
 
     async def _model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """Lease the model, forward the request bytes with only `model_name` rewritten, rename the answer."""
-        status = 500
-        rec: ModelRecord | None = None
+        """The data plane leases, forwards and counts; this edge parses and turns errors into statuses."""
         try:
             request = _parse(pb.ModelInferRequest, raw)
-            key = request.model_name
-            async with self.gw.manager.lease(key, self._wait_s(context)) as rec:
-                request.model_name = rec.name
-                assert self._infer is not None
-                answer = await self._infer(request.SerializeToString(),
-                                           timeout=_remaining(context, _INFER_TIMEOUT_S))
-            response = pb.ModelInferResponse.FromString(answer)
-            response.model_name = key
-            status = 200
-            return response.SerializeToString()
-        except GatewayError as exc:
-            status = exc.status
+        except TritonRpcError as exc:
+            self._count(http_status(exc.code))
             await self._abort(context, exc)
-        except grpc.aio.AioRpcError as exc:
-            status = http_status(exc.code())
-            await self._abort(context, RpcFailure.upstream(exc, rec))
-        except RpcFailure as exc:
-            status = http_status(exc.code)
+        try:
+            return await self.dp.infer_grpc(request, PROTOCOL, _remaining(context, _INFER_TIMEOUT_S),
+                                            self._wait_s(context))
+        except (GatewayError, TritonRpcError) as exc:
             await self._abort(context, exc)
-        except asyncio.CancelledError:
-            status = 499  # the client went away (or its deadline passed): nginx's "client closed request"
-            raise
         except Exception as exc:
             await self._abort_unexpected(context, exc)
-        finally:
-            self._count(status)
         raise AssertionError("unreachable")  # abort() raises
 
     async def _model_stream_infer(self, requests: AsyncIterator[bytes],
                                   context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """One upstream stream per client stream. Requests the gateway refuses (unknown model, bad key, ...)
         get an error response in the stream, as Triton does, and the stream goes on."""
-        assert self._stream is not None
-        upstream = self._stream(timeout=_remaining(context, _STREAM_TIMEOUT_S))
-        out: asyncio.Queue[bytes | RpcFailure | None] = asyncio.Queue()
+        upstream = self.dp.grpc.stream(_remaining(context, _STREAM_TIMEOUT_S))
+        out: asyncio.Queue[bytes | TritonRpcError | None] = asyncio.Queue()
         names: dict[str, str] = {}  # Triton name -> TargetModel, to rename the answers
         async with contextlib.AsyncExitStack() as held:
             pump = asyncio.create_task(self._pump(requests, upstream, context, held, names, out))
             relay = asyncio.create_task(self._relay(upstream, names, out))
             try:
                 while (item := await out.get()) is not None:
-                    if isinstance(item, RpcFailure):
+                    if isinstance(item, TritonRpcError):
                         await self._abort(context, item)
                     else:
                         yield item
@@ -432,7 +310,7 @@ class GrpcEdge:
 
     async def _pump(self, requests: AsyncIterator[bytes], upstream: Any, context: grpc.aio.ServicerContext,
                     held: contextlib.AsyncExitStack, names: dict[str, str],
-                    out: asyncio.Queue[bytes | RpcFailure | None]) -> None:
+                    out: asyncio.Queue[bytes | TritonRpcError | None]) -> None:
         """Client -> Triton: lease each model on first use in the stream (held until it closes), rename."""
         leased: dict[str, ModelRecord] = {}
         async for raw in requests:
@@ -442,11 +320,10 @@ class GrpcEdge:
                 key, request_id = request.model_name, request.id
                 rec = leased.get(key)
                 if rec is None:
-                    rec = leased[key] = await held.enter_async_context(
-                        self.gw.manager.lease(key, self._wait_s(context)))
+                    rec = leased[key] = await held.enter_async_context(self.dp.holding(key, self._wait_s(context)))
                     names[rec.name] = key
                 request.model_name = rec.name
-            except (GatewayError, RpcFailure) as exc:
+            except (GatewayError, TritonRpcError) as exc:
                 self._count(exc.status if isinstance(exc, GatewayError) else http_status(exc.code))
                 message = exc.message if isinstance(exc, GatewayError) else exc.details
                 refused = pb.ModelStreamInferResponse(error_message=message)
@@ -463,7 +340,7 @@ class GrpcEdge:
             await upstream.done_writing()
 
     async def _relay(self, upstream: Any, names: dict[str, str],
-                     out: asyncio.Queue[bytes | RpcFailure | None]) -> None:
+                     out: asyncio.Queue[bytes | TritonRpcError | None]) -> None:
         """Triton -> client: rename each answer; the end of the upstream stream ends the client's."""
         try:
             async for raw in upstream:
@@ -471,9 +348,9 @@ class GrpcEdge:
                 name = answer.infer_response.model_name
                 answer.infer_response.model_name = names.get(name, name)
                 if answer.error_message:
-                    answer.error_message = _rename(answer.error_message, names)
+                    answer.error_message = rename_text(answer.error_message, names)
                 out.put_nowait(answer.SerializeToString())
         except grpc.aio.AioRpcError as exc:
             if exc.code() is not grpc.StatusCode.CANCELLED:
-                out.put_nowait(RpcFailure(exc.code(), _rename(exc.details() or exc.code().name, names)))
+                out.put_nowait(TritonRpcError(exc.code(), rename_text(exc.details() or exc.code().name, names)))
         out.put_nowait(None)

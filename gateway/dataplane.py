@@ -1,0 +1,333 @@
+"""The one data plane under every protocol edge: inference, model resources and the repository.
+
+Edges (KServe v2 HTTP and gRPC, the SageMaker runtime and container APIs) parse requests and shape answers;
+everything between is here, once: the concurrent-invocation cap, the lease on the model, forwarding to
+Triton, putting the client's TargetModel back wherever Triton wrote its internal name (answers and errors
+alike), and counting each request by protocol and status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+from google.protobuf.message import Message
+from tritonclient.grpc import service_pb2 as pb
+
+from gateway.errors import GatewayError, ModelBusy, ModelNotFound, Throttled
+from gateway.manager import ModelManager
+from gateway.metrics import Metrics
+from gateway.records import ModelRecord, State
+from gateway.triton.grpc import TritonGrpc, TritonRpcError
+from gateway.triton.http import Forwarded, TritonHttp
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+
+_HEADER_LENGTH = "inference-header-content-length"
+_METADATA_CACHE_SIZE = 1024
+_UNLOAD_WAIT_S = 10.0  # how long an unload waits for the model's requests and load in progress to end
+_POLL_S = 0.02
+TRITON_STATES = {State.READY: "READY", State.STAGING: "LOADING", State.LOADING: "LOADING",
+                 State.UNLOADING: "UNLOADING"}  # absent, staged and failed models are not in Triton: UNAVAILABLE
+
+
+# -- names: clients know TargetModels, Triton knows its internal names --------------------------------------
+
+
+def rename_text(text: str, names: Mapping[str, str]) -> str:
+    """Every internal name in a message (Triton's errors name models) replaced by its TargetModel."""
+    for triton_name, key in names.items():
+        text = text.replace(triton_name, key)
+    return text
+
+
+def restore_model_name(answer: Forwarded, triton_name: str, key: str) -> Forwarded:
+    """Put the client's TargetModel back where Triton wrote its internal name.
+
+    A successful answer: only `"model_name":"..."` in the JSON header (the whole body for JSON, the first
+    Inference-Header-Content-Length bytes for binary tensors, whose length header is updated); tensor
+    bytes are never looked at. An error: every mention in its text. Compressed answers pass as they are.
+    """
+    if "content-encoding" in answer.headers:
+        return answer
+    if answer.status >= 400:
+        return Forwarded(answer.status, answer.headers, answer.body.replace(triton_name.encode(), key.encode()))
+    needle = b'"model_name":"' + triton_name.encode() + b'"'
+    replacement = b'"model_name":' + json.dumps(key).encode()
+    header_length = answer.headers.get(_HEADER_LENGTH)
+    if header_length is None:
+        return Forwarded(answer.status, answer.headers, answer.body.replace(needle, replacement, 1))
+    n = int(header_length)
+    head = answer.body[:n].replace(needle, replacement, 1)
+    if len(head) == n:
+        return answer
+    return Forwarded(answer.status, {**answer.headers, _HEADER_LENGTH: str(len(head))}, head + answer.body[n:])
+
+
+def rename_json(document: Any, triton_name: str, key: str) -> Any:
+    """Triton's JSON (metadata, config, statistics) with the internal name replaced wherever a string holds
+    it (Triton also derives names from it: instance groups are `<name>_0`)."""
+    if isinstance(document, dict):
+        return {k: rename_json(v, triton_name, key) for k, v in document.items()}
+    if isinstance(document, list):
+        return [rename_json(v, triton_name, key) for v in document]
+    if isinstance(document, str) and triton_name in document:
+        return document.replace(triton_name, key)
+    return document
+
+
+def rename_message(message: Message, triton_name: str, key: str) -> None:
+    """The same for a protobuf answer, in place: every string field, however deep, maps included."""
+    for field, value in message.ListFields():
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            entry_value = field.message_type.fields_by_name["value"]
+            for item in value.values():
+                if entry_value.message_type is not None:
+                    rename_message(item, triton_name, key)
+        elif field.message_type is not None:
+            for item in (value if field.label == field.LABEL_REPEATED else [value]):
+                rename_message(item, triton_name, key)
+        elif field.type == field.TYPE_STRING:
+            if field.label == field.LABEL_REPEATED:
+                value[:] = [v.replace(triton_name, key) for v in value]
+            elif triton_name in value:
+                setattr(message, field.name, value.replace(triton_name, key))
+
+
+def upstream_error(exc: grpc.aio.AioRpcError, names: Mapping[str, str]) -> TritonRpcError:
+    return TritonRpcError(exc.code(), rename_text(exc.details() or exc.code().name, names))
+
+
+_HTTP_FOR_GRPC = {
+    grpc.StatusCode.OK: 200, grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.FAILED_PRECONDITION: 422,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    """The HTTP status a gRPC outcome counts as in mme_requests_total, so dashboards read alike for all."""
+    return _HTTP_FOR_GRPC.get(code, 500)
+
+
+# -- the data plane ----------------------------------------------------------------------------------------
+
+
+class Outcome:
+    """The status one request ends with, as the edge saw it: what mme_requests_total counts."""
+
+    __slots__ = ("status",)
+
+    def __init__(self) -> None:
+        self.status = 500
+
+
+@dataclass(frozen=True)
+class IndexRow:
+    key: str
+    state: str  # Triton's words: READY, LOADING, UNLOADING, UNAVAILABLE
+    reason: str
+
+
+class DataPlane:
+    """What every edge calls; built once by the composition root and handed to each edge."""
+
+    def __init__(self, manager: ModelManager, http: TritonHttp, grpc_client: TritonGrpc, metrics: Metrics,
+                 max_concurrency: int | None, queue_timeout_s: float) -> None:
+        self.manager = manager
+        self.http = http
+        self.grpc = grpc_client
+        self.metrics = metrics
+        self.max_concurrency = max_concurrency
+        self.queue_timeout_s = queue_timeout_s
+        self._slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        self._metadata: OrderedDict[tuple[str, str | None], dict[str, Any]] = OrderedDict()
+
+    @property
+    def wait_timeout_s(self) -> float:
+        return self.manager.config.wait_timeout_s
+
+    # -- holding a model for a request ----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def holding(self, key: str, wait_s: float | None = None) -> AsyncIterator[ModelRecord]:
+        """A concurrency slot (the profile's vCPUs: wait, then 429) and a lease on the ready model."""
+        if self._slots is not None:
+            try:
+                await asyncio.wait_for(self._slots.acquire(), timeout=self.queue_timeout_s)
+            except asyncio.TimeoutError:
+                raise Throttled(
+                    f"all {self.max_concurrency} invocation slots stayed busy for {self.queue_timeout_s:.0f}s "
+                    f"(model {key!r}); retry with backoff") from None
+        try:
+            async with self.manager.lease(key, wait_s) as rec:
+                yield rec
+        finally:
+            if self._slots is not None:
+                self._slots.release()
+
+    @contextlib.asynccontextmanager
+    async def serving(self, key: str, protocol: str,
+                      wait_s: float | None = None) -> AsyncIterator[tuple[ModelRecord, Outcome]]:
+        """`holding`, and the request counted under `protocol` with the status the edge sets on the outcome
+        (a gateway error's own status, 499 when the client went away)."""
+        outcome = Outcome()
+        try:
+            async with self.holding(key, wait_s) as rec:
+                yield rec, outcome
+        except GatewayError as exc:
+            outcome.status = exc.status
+            raise
+        except asyncio.CancelledError:
+            outcome.status = 499  # nginx's "client closed request"
+            raise
+        finally:
+            self.metrics.count_request(protocol, outcome.status)
+
+    # -- inference --------------------------------------------------------------------------------------------
+
+    async def forward_infer(self, rec: ModelRecord, key: str, body: bytes, headers: Mapping[str, str],
+                            version: str | None = None) -> Forwarded:
+        """POST a KServe v2 HTTP infer body for a held model; the answer names `key`, errors included."""
+        path = f"/v2/models/{rec.name}" + (f"/versions/{version}" if version else "") + "/infer"
+        return restore_model_name(await self.http.request("POST", path, body, headers), rec.name, key)
+
+    async def infer(self, key: str, body: bytes, headers: Mapping[str, str], protocol: str,
+                    version: str | None = None) -> Forwarded:
+        """KServe v2 HTTP inference: the body reaches Triton untouched."""
+        async with self.serving(key, protocol) as (rec, outcome):
+            answer = await self.forward_infer(rec, key, body, headers, version)
+            outcome.status = answer.status
+            return answer
+
+    async def infer_grpc(self, request: pb.ModelInferRequest, protocol: str, timeout_s: float,
+                         wait_s: float | None = None) -> bytes:
+        """KServe v2 gRPC inference: only `model_name` is rewritten each way; tensors pass as bytes."""
+        key = request.model_name
+        async with self.serving(key, protocol, wait_s) as (rec, outcome):
+            request.model_name = rec.name
+            try:
+                raw = await self.grpc.infer(request.SerializeToString(), timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                outcome.status = http_status(exc.code())
+                raise upstream_error(exc, {rec.name: key}) from None
+            outcome.status = 200
+        response = pb.ModelInferResponse.FromString(raw)
+        response.model_name = key
+        return response.SerializeToString()
+
+    async def metadata_json(self, rec: ModelRecord) -> dict[str, Any] | Forwarded:
+        """A held model's KServe metadata (inputs, outputs), cached per artifact version; Triton's error
+        answer (renamed) when it has none."""
+        cache_key = (rec.name, rec.etag)
+        cached = self._metadata.get(cache_key)
+        if cached is not None:
+            self._metadata.move_to_end(cache_key)
+            return cached
+        answer = await self.http.request("GET", f"/v2/models/{rec.name}")
+        if answer.status != 200:
+            return restore_model_name(answer, rec.name, rec.model.key)
+        metadata = json.loads(answer.body)
+        self._metadata[cache_key] = metadata
+        while len(self._metadata) > _METADATA_CACHE_SIZE:
+            self._metadata.popitem(last=False)
+        return metadata
+
+    # -- model resources -----------------------------------------------------------------------------------
+
+    async def on_ready(self, key: str, fetch: Callable[[ModelRecord], Awaitable[T]], gone: Callable[[T], bool],
+                       wait_s: float | None = None) -> T:
+        """Make `key` ready, then `fetch` from Triton; once more if the model was evicted in between (these
+        calls hold no lease, like a metadata call on Triton itself)."""
+        for attempt in (1, 2):
+            rec = await self.manager.ensure_ready(key, wait_s)
+            result = await fetch(rec)
+            if attempt == 1 and gone(result) and rec.state is not State.READY:
+                continue
+            return result
+        raise AssertionError("unreachable")
+
+    async def resource_json(self, key: str, suffix: str, version: str | None = None) -> Forwarded:
+        """Metadata (`suffix` ""), `/config` or `/stats` of `key` over HTTP, every internal name renamed."""
+        async def fetch(rec: ModelRecord) -> Forwarded:
+            path = f"/v2/models/{rec.name}" + (f"/versions/{version}" if version else "") + suffix
+            answer = await self.http.request("GET", path)
+            if answer.status != 200:
+                return restore_model_name(answer, rec.name, key)
+            body = json.dumps(rename_json(json.loads(answer.body), rec.name, key)).encode()
+            return Forwarded(200, {"content-type": "application/json"}, body)
+        return await self.on_ready(key, fetch, lambda answer: answer.status != 200)
+
+    async def resource_grpc(self, key: str, call: Callable[[str], Awaitable[M]], wait_s: float | None = None) -> M:
+        """A typed gRPC call on `key`'s Triton name after making it ready; the answer and Triton's errors
+        renamed."""
+        async def fetch(rec: ModelRecord) -> M | TritonRpcError:
+            try:
+                answer = await call(rec.name)
+            except grpc.aio.AioRpcError as exc:
+                return upstream_error(exc, {rec.name: key})
+            rename_message(answer, rec.name, key)
+            return answer
+        result = await self.on_ready(key, fetch, lambda r: isinstance(r, TritonRpcError), wait_s)
+        if isinstance(result, TritonRpcError):
+            raise result
+        return result
+
+    def names(self) -> dict[str, str]:
+        """Triton name -> TargetModel for every model the gateway knows."""
+        return {rec.name: rec.model.key for rec in self.manager.records()}
+
+    def model_ready(self, key: str) -> bool:
+        """Loaded now: a call would not wait for a load (asking does not load)."""
+        rec = self.manager.record(key)
+        return rec is not None and rec.state is State.READY
+
+    # -- the repository, mapped to the gateway's lifecycle -----------------------------------------------------
+
+    def index(self, ready_only: bool = False) -> list[IndexRow]:
+        """The models the gateway knows (not the whole store: it may hold thousands), sorted, in Triton's
+        states, with the reason a model is not served when there is one."""
+        rows = []
+        for rec in sorted(self.manager.records(), key=lambda r: r.model.key):
+            state = TRITON_STATES.get(rec.state, "UNAVAILABLE")
+            if ready_only and state != "READY":
+                continue
+            reason = rec.error.message if rec.error is not None and state == "UNAVAILABLE" else ""
+            rows.append(IndexRow(rec.model.key, state, reason))
+        return rows
+
+    async def load(self, key: str, wait_s: float | None = None) -> ModelRecord:
+        rec = await self.manager.ensure_ready(key, wait_s)
+        log.info("repository.load", extra={"model": rec.model.key})
+        return rec
+
+    async def unload(self, key: str, wait_s: float = _UNLOAD_WAIT_S) -> None:
+        """Unload once the model's requests and any load in progress are done, waiting at most `wait_s`
+        (409 after); a model that is not loaded is already unloaded, as Triton answers; one the gateway
+        does not know is a 404."""
+        rec = self.manager.record(key)
+        if rec is None:
+            raise ModelNotFound(f"model {key!r} is not known to the gateway")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while not await self.manager.unload(rec, reason="api"):
+            busy = rec.state in TRITON_STATES or (rec.pipeline is not None and not rec.pipeline.done())
+            if not busy:
+                break
+            if loop.time() > deadline:
+                raise ModelBusy(f"model {rec.model.key!r} is still serving {rec.leases} request(s) or loading "
+                                f"(state {rec.state.value}) after {wait_s:.0f}s; retry the unload")
+            await asyncio.sleep(_POLL_S)
+        log.info("repository.unload", extra={"model": rec.model.key, "state": rec.state.value})

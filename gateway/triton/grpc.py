@@ -1,0 +1,58 @@
+"""Triton's gRPC data API over one pooled `grpc.aio` channel: inference as raw bytes, model resources typed.
+
+ModelInfer and ModelStreamInfer are called without (de)serializers, bytes in and bytes out, so tensors are
+never decoded or copied into Python objects on their way through; the other calls use the typed stub.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import grpc.aio
+from tritonclient.grpc import service_pb2_grpc
+
+SERVICE = "inference.GRPCInferenceService"
+UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+class TritonRpcError(Exception):
+    """Triton answered a gRPC call with an error status (details already in the client's terms)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class TritonGrpc:
+    """The channel, the typed stub and the raw inference calls; created in the running loop by `start()`
+    (grpc.aio channels bind to the loop that creates them)."""
+
+    def __init__(self, grpc_url: str) -> None:
+        self.grpc_url = grpc_url
+        self._channel: grpc.aio.Channel | None = None
+        self.stub: Any = None  # service_pb2_grpc.GRPCInferenceServiceStub once started
+        self._infer: grpc.aio.UnaryUnaryMultiCallable | None = None
+        self._stream: grpc.aio.StreamStreamMultiCallable | None = None
+
+    async def start(self) -> None:
+        self._channel = grpc.aio.insecure_channel(self.grpc_url, options=UNLIMITED)
+        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._infer = self._channel.unary_unary(f"/{SERVICE}/ModelInfer", _registered_method=True)
+        self._stream = self._channel.stream_stream(f"/{SERVICE}/ModelStreamInfer", _registered_method=True)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def infer(self, request: bytes, timeout: float) -> bytes:
+        """One serialized ModelInferRequest in, Triton's serialized ModelInferResponse out."""
+        assert self._infer is not None, "TritonGrpc.start() not called"
+        return await self._infer(request, timeout=timeout)
+
+    def stream(self, timeout: float) -> Any:
+        """A new ModelStreamInfer call: write serialized requests, iterate serialized responses."""
+        assert self._stream is not None, "TritonGrpc.start() not called"
+        return self._stream(timeout=timeout)
