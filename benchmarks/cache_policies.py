@@ -22,6 +22,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +73,7 @@ class TimingStore:
 class TimingStaging:
     """Stands in for the NVMe tier: staging is instant and always succeeds (disk is not what is measured)."""
 
-    budget_bytes = None
+    budget_bytes: int | None = None
 
     def __init__(self, store: TimingStore) -> None:
         self.store = store
@@ -155,8 +156,8 @@ class TimingMeter:
     def __init__(self, triton: TimingTriton) -> None:
         self.triton = triton
 
-    def stub_bytes(self, names: object) -> dict[str, int]:
-        return {n: self.triton.specs_by_name[n].footprint for n in names if n in self.triton.resident}  # type: ignore[attr-defined]
+    def stub_bytes(self, names: Collection[str]) -> dict[str, int]:
+        return {n: self.triton.specs_by_name[n].footprint for n in names if n in self.triton.resident}
 
     def process_wide_bytes(self) -> int | None:
         return None
@@ -189,8 +190,8 @@ async def replay(policy: str, specs: list[ModelSpec], trace: list[int], budget: 
         for spec in specs if measured_before else []:
             ledger.record(f"etag-{spec.key}", spec.footprint, "python/onnx/KIND_CPU")
         triton = TimingTriton({model_key(s.key, store.url).triton_name: s for s in specs}, scale)
-        manager = ModelManager(store, staging, triton, metrics, policy=make_policy(policy),  # type: ignore[arg-type]
-                               probe=NoProbe(), meter=TimingMeter(triton), ledger=ledger,  # type: ignore[arg-type]
+        manager = ModelManager(store, staging, triton, metrics, policy=make_policy(policy),
+                               probe=NoProbe(), meter=TimingMeter(triton), ledger=ledger,
                                config=ManagerConfig(etag_ttl_s=1e9, wait_timeout_s=1e9),
                                budget=BudgetConfig.from_settings(Settings(store=store.url), memory_budget_bytes=budget,
                                                                  device_check=False, admission_wait_s=1e9))

@@ -1,4 +1,4 @@
-"""The demo store: one house-price model per city, as in the multi-model endpoint blog post (seed 001).
+"""The demo store: one house-price model per city, as in AWS's blog post on SageMaker multi-model endpoints.
 
 Each city's model is a linear regression fitted with numpy on synthetic houses whose prices follow
 city-specific rules, exported as a one-node-pair ONNX graph (MatMul + Add). Features, in order:

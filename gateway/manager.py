@@ -47,10 +47,10 @@ from gateway.metrics import Metrics
 from gateway.naming import ModelKey, model_key
 from gateway.policy import EvictionPolicy
 from gateway.records import RESIDENT, ModelRecord, State
-from gateway.staging import StagedArtifact, StagingArea
+from gateway.staging import StagedArtifact, Staging
 from gateway.store.base import ArtifactStore, ObjectInfo
 from gateway.store.path import PathSource
-from gateway.triton.control import TritonControl
+from gateway.triton.control import ModelControl
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ class ModelManager:
     def __init__(
         self,
         store: ArtifactStore,
-        staging: StagingArea,
-        control: TritonControl,
+        staging: Staging,
+        control: ModelControl,
         metrics: Metrics,
         policy: EvictionPolicy,
         probe: MemoryProbe,

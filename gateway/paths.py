@@ -1,8 +1,8 @@
 """Where the project's non-Python assets live.
 
-`model_repo_templates/` and `triton_backends/` sit at the top of the repository (the design card puts them
-there so operators can read and edit them). The gateway is installed editable (`make run`, `make test`), so
-they are found relative to this package; a setting can point elsewhere for other installs.
+`model_repo_templates/` and `triton_backends/` sit at the top of the repository (kept out of the
+package so operators can read and edit them). The gateway is installed editable (`make run`, `make test`), so
+they are found relative to this package (`RenderOptions.templates_dir` can point elsewhere).
 """
 
 from __future__ import annotations

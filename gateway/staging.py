@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Collection
+from typing import Collection, Protocol
 
 from gateway.extract import ExtractLimits, safe_extract
 from gateway.naming import ModelKey
@@ -50,6 +50,20 @@ class StagedArtifact:
     staged_at: float
     download_s: float
     instance_kind: str = "KIND_CPU"  # absent from metadata written before it was recorded
+
+
+class Staging(Protocol):
+    """What the manager needs of the NVMe tier (the cache benchmark stands in a timing model)."""
+
+    budget_bytes: int | None
+
+    def staged(self, triton_name: str) -> StagedArtifact | None: ...
+    def all_staged(self) -> list[StagedArtifact]: ...
+    def used_bytes(self) -> int: ...
+    def touch(self, triton_name: str) -> None: ...
+    def make_room(self, need_bytes: int, protected: Collection[str]) -> list[str]: ...
+    def stage(self, model: ModelKey, info: ObjectInfo, source: ArtifactStore | None = None) -> StagedArtifact: ...
+    def remove(self, triton_name: str) -> None: ...
 
 
 class _Progress:

@@ -2,7 +2,7 @@
 the break-even model count, and the recommended profile and concurrency.
 
 Prices come from the one price file (gateway/data/profiles.json) through gateway.profiles. A month is
-720 hours: seed 001's own numbers imply it (1,000 endpoints x 2 instances x $0.119 x 720 h = $171,360).
+720 hours: the numbers of the AWS blog post "Save on inference costs by using Amazon SageMaker multi-model endpoints" imply it (1,000 endpoints x 2 instances x $0.119 x 720 h = $171,360).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def break_even_models(single_price: float, single_instances: int, mme_price: flo
 
 
 def seed_check(hours: float = HOURS_PER_MONTH) -> dict[str, Any]:
-    """Seed 001's 10- and 1,000-model cases recomputed from the seed's own prices, to check the math."""
+    """The AWS blog post's 10- and 1,000-model cases recomputed from its own prices, to check the math."""
     rows = [compare(n, SEED_SINGLE, SEED_INSTANCES, SEED_MME, SEED_INSTANCES, hours=hours) for n in (10, 1000)]
     ten, thousand = rows
     notes = [
@@ -120,7 +120,7 @@ def seed_check(hours: float = HOURS_PER_MONTH) -> dict[str, Any]:
         f"${SEED_MME[1]} x {hours:g} h = ${thousand.mme_monthly:,.2f} (seed: ${SEED_1000_MME_MONTHLY:,.0f}); "
         f"saving {thousand.saving_pct:.1f}% (seed: 99%).",
         f"10 models: ${ten.single_monthly:,.2f} vs ${ten.mme_monthly:,.2f}/month, a saving of ${ten.saving:,.2f}. "
-        f"The seed's ${SEED_10_CLAIMED_SAVING:,.0f}/month saving for 10 models does not follow from these prices "
+        f"The blog post's ${SEED_10_CLAIMED_SAVING:,.0f}/month saving for 10 models does not follow from these prices "
         "(its chart, not in the text, used other instances). For reference, 10 single-model endpoints against one "
         f"MME of the same type, {SEED_INSTANCES} instances each, save 9 x {SEED_INSTANCES} x {hours:g} h x price; "
         f"${SEED_10_CLAIMED_SAVING:,.0f} would need a price of "

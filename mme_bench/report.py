@@ -126,7 +126,7 @@ def render(data: RunData, a: Analysis, charts: dict[str, Path]) -> str:
         _img(charts["cost_vs_latency"], "cost against latency"),
         f"<h3>One multi-model endpoint against one endpoint per model ({cfg.cost.hours_per_month:g} h/month)</h3>",
         table(a.mme_vs_single, DEFAULT_COLUMNS["mme_vs_single"], "no comparison (profiles missing)"),
-        "<h3>Check of the math: seed 001's cases from the seed's own prices</h3>",
+        "<h3>Check of the math: the AWS multi-model endpoint blog post's cases from its own prices</h3>",
         table(a.seed_check.get("rows", [])),
         "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in a.seed_check.get("notes", [])) + "</ul>",
         "<h2>perf_analyzer</h2>",

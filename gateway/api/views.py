@@ -1,4 +1,4 @@
-"""How a model is described to clients (model listings in every protocol)."""
+"""How the SageMaker container API describes a model: its listing and `GET /models/{name}`."""
 
 from __future__ import annotations
 

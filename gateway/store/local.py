@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from gateway.errors import ModelNotFound
@@ -57,13 +56,3 @@ class LocalStore:
                 if len(infos) >= limit:
                     break
         return infos
-
-
-def copy_into_store(src: Path, root: Path, key: str) -> Path:
-    """Place `src` at `<root>/<key>` atomically (write a temp file, then rename) so readers never see half a file."""
-    dest = root / key
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dest)
-    return dest

@@ -1,1 +1,1 @@
-"""Talking to Triton: the control client (gRPC) and the embedded server's supervisor."""
+"""All Triton I/O: the control client, the HTTP and gRPC data clients, and the embedded server's supervisor."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Protocol
 
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -23,6 +24,15 @@ class IndexEntry:
     version: str
     state: str  # READY, UNAVAILABLE, LOADING, UNLOADING, "" (never loaded)
     reason: str
+
+
+class ModelControl(Protocol):
+    """What the manager needs of Triton's model control (the cache benchmark stands in a timing model)."""
+
+    async def load(self, name: str) -> None: ...
+    async def unload(self, name: str) -> None: ...
+    async def wait_unloaded(self, name: str, timeout_s: float = 30.0, poll_s: float = 0.05) -> bool: ...
+    async def index(self) -> list[IndexEntry]: ...
 
 
 def _unreachable(exc: InferenceServerException) -> bool:

@@ -119,7 +119,6 @@ class TritonProcess:
         self.metrics_port = config.metrics_port or free_port()
         self.log_path = config.work_dir / "triton.log"
         self._proc: subprocess.Popen[bytes] | None = None
-        self.restarts = 0
 
     @property
     def http_url(self) -> str:
