@@ -25,9 +25,9 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 
-from gateway.budget import BudgetConfig, MemoryBudget, is_out_of_memory, model_class
+from gateway.budget import BudgetConfig, MemoryBudget, model_class
 from gateway.config import default
 from gateway.errors import (
     GatewayError,
@@ -42,6 +42,7 @@ from gateway.errors import (
 )
 from gateway.footprint import Meter
 from gateway.ledger import FootprintLedger
+from gateway.loading import Loader
 from gateway.memory import MemoryProbe
 from gateway.metrics import Metrics
 from gateway.naming import ModelKey, model_key
@@ -92,17 +93,16 @@ class ModelManager:
         self.metrics = metrics
         self.policy = policy
         self.probe = probe
-        self.meter = meter
         self.config = config
         self._records: dict[str, ModelRecord] = {}
         self.budget = MemoryBudget(self._records, policy, probe, meter, ledger, metrics, budget,
                                    evict=lambda rec, reason: self._evict(rec, reason, chosen=True),
                                    changed=self._update_gauges)
+        self.loader = Loader(control, meter, self.budget, metrics, policy, staging, changed=self._update_gauges)
         self._registered: dict[str, str] = {}  # container-API model name -> Triton name
-        self._measure_lock = asyncio.Lock()  # device-wide deltas are only meaningful one load at a time
         self._hit = metrics.cache_requests.labels(result="hit")  # labels() costs microseconds per request
         self._miss = metrics.cache_requests.labels(result="miss")
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[object]] = set()
         if staging.budget_bytes is not None:
             metrics.disk_budget.set(staging.budget_bytes)
 
@@ -262,7 +262,7 @@ class ModelManager:
         else:
             self.metrics.disk_hits.inc()
             log.info("model.disk_hit", extra={"model": rec.model.key, "etag": info.etag})
-        await self._load(rec, staged)
+        await self.loader.load(rec, staged)
 
     async def _stage(self, rec: ModelRecord, info: ObjectInfo) -> StagedArtifact:
         rec.state, rec.etag, rec.error = State.STAGING, info.etag, None
@@ -285,110 +285,6 @@ class ModelManager:
 
     # -- admission and loading ------------------------------------------------------------------------------
 
-
-
-
-
-
-
-
-
-
-
-
-
-    async def _load(self, rec: ModelRecord, staged: StagedArtifact) -> None:
-        rec.state, rec.etag, rec.artifact_bytes = State.STAGED, staged.etag, staged.artifact_bytes
-        rec.model_class, rec.instances = model_class(staged), staged.instance_count
-        self.budget.refuse_if_too_large(rec, self.budget.estimate(staged))
-        async with self.budget.load_turn(rec, staged):  # `rec` holds its reservation from here
-            try:
-                await self._load_with_backstop(rec, staged)
-                await self.budget.settle(rec, self._unload_loading)
-            except BaseException:
-                if rec.state is State.LOADING:
-                    rec.state = State.STAGED  # the reservation ends with the load
-                raise
-        rec.state, rec.error = State.READY, None
-        rec.loaded_at, rec.served_since_load, rec.used_since_measured = time.monotonic(), 0, False
-        self.policy.record_load(rec.name, rec.footprint_bytes, rec.load_s or 0.0)
-        self.staging.touch(rec.name)
-        self._update_gauges()
-        log.info(
-            "model.loaded",
-            extra={
-                "model": rec.model.key,
-                "triton_name": rec.name,
-                "etag": rec.etag,
-                "download_s": None if rec.download_s is None else round(rec.download_s, 4),
-                "load_s": round(rec.load_s or 0.0, 4),
-                "footprint_bytes": rec.footprint_bytes,
-                "footprint_source": rec.footprint_source,
-                "framework": staged.framework,
-                "backend": staged.backend,
-                "instance_kind": staged.instance_kind,
-                "waiters": rec.waiters,
-                "committed_bytes": self.committed_bytes(),
-            },
-        )
-
-    async def _load_with_backstop(self, rec: ModelRecord, staged: StagedArtifact) -> None:
-        """Load; on a real out-of-memory failure unload one idle model (policy order) and retry, until it
-        loads or nothing idle is left: idle models must never hold the memory while every new load fails,
-        which is what happens when the budget is wrong (other processes on the GPU, fragmentation)."""
-        deadline = self.budget.deadline()
-        while True:
-            try:
-                await self._load_measured(rec, staged)
-                return
-            except ModelLoadFailed as exc:
-                if not is_out_of_memory(exc.message):
-                    raise
-                await self.budget.after_out_of_memory(rec, exc.message, deadline)
-
-    async def _load_measured(self, rec: ModelRecord, staged: StagedArtifact) -> None:
-        """Load in Triton and replace the reservation with the measured footprint (state stays LOADING)."""
-        # Python-backend models live in their own stub processes and are measured there; other backends
-        # load inside Triton, so their footprint is the change around the load, one load at a time.
-        in_process = staged.backend != "python"
-        async with self._measure_lock if in_process else contextlib.nullcontext():
-            before = self.meter.process_wide_bytes() if in_process else None
-            started = time.monotonic()
-            try:
-                await self.control.load(rec.name)
-            except ModelLoadFailed as exc:
-                self.metrics.loads.labels(result="failed").inc()
-                reason = exc.message.replace(rec.name, rec.model.key)  # clients never see internal names
-                raise ModelLoadFailed(f"model {rec.model.key!r} failed to load in Triton: {reason}") from None
-            rec.load_s = time.monotonic() - started
-            if in_process:
-                after = self.meter.process_wide_bytes()
-                measured = after - before if after is not None and before is not None else None
-            else:
-                measured = (await asyncio.to_thread(self.meter.stub_bytes, [rec.name])).get(rec.name)
-        if measured and measured > 0:
-            self.budget.account_load(rec, measured)
-        self.metrics.loads.labels(result="ok").inc()
-        self.metrics.loading.observe(rec.load_s)
-        self._update_gauges()
-
-
-
-    async def _unload_loading(self, rec: ModelRecord) -> None:
-        """Take back a load that may not stay (too large, no room); its memory counts until Triton confirms."""
-        try:
-            await self.control.unload(rec.name)
-            await self.control.wait_unloaded(rec.name)
-        finally:
-            rec.state = State.STAGED
-            self._update_gauges()
-
-    # -- keeping the budget while models serve ---------------------------------------------------------------
-
-
-
-
-
     # -- unloading -------------------------------------------------------------------------------------
 
     async def _evict(self, rec: ModelRecord, reason: str, chosen: bool = False, delete: bool = False) -> bool:
@@ -397,12 +293,9 @@ class ModelManager:
             if rec.state is not State.READY or rec.leases > 0 or (rec.pipeline and not rec.pipeline.done()):
                 return False
             rec.state = State.UNLOADING
-        self.budget.learn_before_unload(rec, (await asyncio.to_thread(self.meter.stub_bytes, [rec.name])).get(rec.name))
         started = time.monotonic()
         try:
-            await self.control.unload(rec.name)
-            gone = await self.control.wait_unloaded(rec.name)
-            if not gone:
+            if not await self.loader.unload(rec):
                 log.warning("model.unload_slow", extra={"model": rec.model.key})
         finally:
             rec.state = State.STAGED
@@ -426,8 +319,8 @@ class ModelManager:
         """Unload an idle ready model on request (APIs); False if it is leased or not loaded."""
         return await self._evict(rec, reason=reason)
 
-    def _spawn(self, coro: "asyncio.coroutines.Coroutine[object, object, object]") -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[object, object, object]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)  # keep a reference until done (the loop holds only weak ones)
         task.add_done_callback(self._background.discard)
 
