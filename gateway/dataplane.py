@@ -232,15 +232,24 @@ class DataPlane:
     async def infer_grpc(self, request: pb.ModelInferRequest, protocol: str, timeout_s: float,
                          wait_s: float | None = None) -> bytes:
         """KServe v2 gRPC inference: only `model_name` is rewritten each way; tensors pass as bytes."""
-        key = request.model_name
-        async with self.serving(key, protocol, wait_s) as (rec, outcome):
-            request.model_name = rec.name
-            try:
-                raw = await self.grpc.infer(request.SerializeToString(), timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                outcome.status = http_status(exc.code())
-                raise upstream_error(exc, {rec.name: key}) from None
-            outcome.status = 200
+        key, status = request.model_name, 500
+        try:  # `serving` written out, as in `infer`: the hot path
+            async with self.holding(key, wait_s) as rec:
+                request.model_name = rec.name
+                try:
+                    raw = await self.grpc.infer(request.SerializeToString(), timeout_s)
+                except grpc.aio.AioRpcError as exc:
+                    status = http_status(exc.code())
+                    raise upstream_error(exc, {rec.name: key}) from None
+            status = 200
+        except GatewayError as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        finally:
+            self.metrics.count_request(protocol, status)
         response = pb.ModelInferResponse.FromString(raw)
         response.model_name = key
         return response.SerializeToString()
