@@ -127,12 +127,24 @@ def http_status(code: grpc.StatusCode) -> int:
 
 
 class Outcome:
-    """The status one request ends with, as the edge saw it: what mme_requests_total counts."""
+    """Counts one request in mme_requests_total when its block ends: with the status the edge set, a gateway
+    error's own status, or 499 when the client went away. A plain (synchronous) context manager: it sits on
+    the hot path, where each generator-based layer costs microseconds."""
 
-    __slots__ = ("status",)
+    __slots__ = ("metrics", "protocol", "status")
 
-    def __init__(self) -> None:
-        self.status = 500
+    def __init__(self, metrics: Metrics, protocol: str) -> None:
+        self.metrics, self.protocol, self.status = metrics, protocol, 500
+
+    def __enter__(self) -> Outcome:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, GatewayError):
+            self.status = exc.status
+        elif isinstance(exc, asyncio.CancelledError):
+            self.status = 499  # nginx's "client closed request"
+        self.metrics.count_request(self.protocol, self.status)
 
 
 @dataclass(frozen=True)
@@ -187,20 +199,10 @@ class DataPlane:
     @contextlib.asynccontextmanager
     async def serving(self, key: str, protocol: str,
                       wait_s: float | None = None) -> AsyncIterator[tuple[ModelRecord, Outcome]]:
-        """`holding`, and the request counted under `protocol` with the status the edge sets on the outcome
-        (a gateway error's own status, 499 when the client went away)."""
-        outcome = Outcome()
-        try:
+        """`holding`, and the request counted under `protocol` (see `Outcome`)."""
+        with Outcome(self.metrics, protocol) as outcome:
             async with self.holding(key, wait_s) as rec:
                 yield rec, outcome
-        except GatewayError as exc:
-            outcome.status = exc.status
-            raise
-        except asyncio.CancelledError:
-            outcome.status = 499  # nginx's "client closed request"
-            raise
-        finally:
-            self.metrics.count_request(protocol, outcome.status)
 
     # -- inference --------------------------------------------------------------------------------------------
 
@@ -212,44 +214,27 @@ class DataPlane:
 
     async def infer(self, key: str, body: bytes, headers: Mapping[str, str], protocol: str,
                     version: str | None = None) -> Forwarded:
-        """KServe v2 HTTP inference: the body reaches Triton untouched. `serving` written out: this is nearly
-        every request, and each context-manager layer costs microseconds."""
-        status = 500
-        try:
+        """KServe v2 HTTP inference: the body reaches Triton untouched. `serving` without its generator layer:
+        this is nearly every request."""
+        with Outcome(self.metrics, protocol) as outcome:
             async with self.holding(key) as rec:
                 answer = await self.forward_infer(rec, key, body, headers, version)
-                status = answer.status
+                outcome.status = answer.status
                 return answer
-        except GatewayError as exc:
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            status = 499
-            raise
-        finally:
-            self.metrics.count_request(protocol, status)
 
     async def infer_grpc(self, request: pb.ModelInferRequest, protocol: str, timeout_s: float,
                          wait_s: float | None = None) -> bytes:
         """KServe v2 gRPC inference: only `model_name` is rewritten each way; tensors pass as bytes."""
-        key, status = request.model_name, 500
-        try:  # `serving` written out, as in `infer`: the hot path
+        key = request.model_name
+        with Outcome(self.metrics, protocol) as outcome:  # `serving` without its generator layer, as in `infer`
             async with self.holding(key, wait_s) as rec:
                 request.model_name = rec.name
                 try:
                     raw = await self.grpc.infer(request.SerializeToString(), timeout_s)
                 except grpc.aio.AioRpcError as exc:
-                    status = http_status(exc.code())
+                    outcome.status = http_status(exc.code())
                     raise upstream_error(exc, {rec.name: key}) from None
-            status = 200
-        except GatewayError as exc:
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            status = 499
-            raise
-        finally:
-            self.metrics.count_request(protocol, status)
+            outcome.status = 200
         response = pb.ModelInferResponse.FromString(raw)
         response.model_name = key
         return response.SerializeToString()
