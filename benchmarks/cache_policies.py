@@ -194,7 +194,10 @@ async def replay(policy: str, specs: list[ModelSpec], trace: list[int], budget: 
                                probe=NoProbe(), meter=TimingMeter(triton), ledger=ledger,
                                config=ManagerConfig(etag_ttl_s=1e9, wait_timeout_s=1e9),
                                budget=BudgetConfig.from_settings(Settings(store=store.url), memory_budget_bytes=budget,
-                                                                 device_check=False, admission_wait_s=1e9))
+                                                                 device_check=False, admission_wait_s=1e9,
+                                                                 # wall seconds are 10,000 modelled ones here:
+                                                                 # a 2 s churn guard would make every model young
+                                                                 min_residency_s=0.0))
         peak = [0]
 
         async def watch() -> None:  # every step of the event loop: nothing between two awaits is missed
