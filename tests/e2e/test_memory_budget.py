@@ -142,6 +142,8 @@ def test_sixteen_clients_over_eight_models_of_250_mb_keep_the_budget(s3, s3_endp
         late = [(t, used) for t, used, _ in samples if t > learned_at + 0.01 and used > BALLAST_BUDGET]
         assert late == []
     assert max(used for _, used, _ in samples) > BALLAST_BUDGET / 2  # the sampler saw the cache in use
+    print(f"\nballast: {served[0]} requests, {evictions:.0f} evictions; budget {BALLAST_BUDGET}, largest model "
+          f"{largest}; peak accounted {max(u for _, u, _ in samples):.0f}, peak stub RSS {max(r for _, _, r in samples)}")
 
 
 # ------------------------------------------------- one gateway: concurrent loads, too large, growing models
