@@ -37,7 +37,7 @@ M = TypeVar("M", bound=Message)
 
 _HEADER_LENGTH = "inference-header-content-length"
 _METADATA_CACHE_SIZE = 1024
-_UNLOAD_WAIT_S = 10.0  # how long an unload waits for the model's requests and load in progress to end
+UNLOAD_WAIT_S = 10.0  # how long an unload waits for the model's requests and load in progress to end
 _POLL_S = 0.02
 TRITON_STATES = {State.READY: "READY", State.STAGING: "LOADING", State.LOADING: "LOADING",
                  State.UNLOADING: "UNLOADING"}  # absent, staged and failed models are not in Triton: UNAVAILABLE
@@ -324,7 +324,7 @@ class DataPlane:
         log.info("repository.load", extra={"model": rec.model.key})
         return rec
 
-    async def unload(self, key: str, wait_s: float = _UNLOAD_WAIT_S) -> None:
+    async def unload(self, key: str, wait_s: float = UNLOAD_WAIT_S) -> None:
         """Unload once the model's requests and any load in progress are done, waiting at most `wait_s`
         (409 after); a model that is not loaded is already unloaded, as Triton answers; one the gateway
         does not know is a 404."""

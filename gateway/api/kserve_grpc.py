@@ -28,7 +28,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2 as pb
 
-from gateway.dataplane import DataPlane, http_status, rename_text
+from gateway.dataplane import UNLOAD_WAIT_S, DataPlane, http_status, rename_text
 from gateway.errors import GatewayError, ModelBusy
 from gateway.records import ModelRecord
 from gateway.triton.grpc import SERVICE, UNLIMITED, TritonRpcError
@@ -40,7 +40,6 @@ PROTOCOL = "kserve_grpc"  # the `protocol` label of mme_requests_total
 _CALL_TIMEOUT_S = 10.0  # metadata, config, statistics: Triton answers these from memory
 _INFER_TIMEOUT_S = 300.0  # upper bound on one inference when the client sets no deadline
 _STREAM_TIMEOUT_S = 3600.0  # upper bound on one ModelStreamInfer stream when the client sets no deadline
-_UNLOAD_WAIT_S = 10.0  # how long an unload waits for in-flight requests and loads of that model
 # SO_REUSEPORT off: a second gateway on the same port must fail to start, not share the port silently.
 _SERVER_OPTIONS = [*UNLIMITED, ("grpc.so_reuseport", 0)]
 # Extensions Triton advertises that the gateway does not serve (see the module docstring).
@@ -264,7 +263,7 @@ class GrpcEdge:
 
     async def _repository_unload(self, request: pb.RepositoryModelUnloadRequest,
                                  context: Any) -> pb.RepositoryModelUnloadResponse:
-        await self.dp.unload(request.model_name, _remaining(context, _UNLOAD_WAIT_S))
+        await self.dp.unload(request.model_name, _remaining(context, UNLOAD_WAIT_S))
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference ------------------------------------------------------------------------------------------
