@@ -87,6 +87,25 @@ class Settings:
         2.0, "seconds between background measurements of loaded models (0: off)")
     instance_kind: str = _setting(
         "auto", "where rendered models run: auto (GPU when NVML sees one), cpu or gpu", INSTANCE_KINDS)
+    api_keys_file: Path | None = _setting(
+        None, "API keys, hashed: one 'NAME SCOPES sha256:HEX' line each (mme-gateway keys create); re-read on change")
+    api_keys: str | None = _setting(
+        None, "API key lines as in --api-keys-file, separated by ';' or newlines (for a secret in the environment)")
+    sigv4_access_key_id: str | None = _setting(
+        None, "accept AWS SigV4-signed SageMaker runtime calls made with this access key (invoke scope)")
+    sigv4_secret_access_key: str | None = _setting(
+        None, "the secret of --sigv4-access-key-id (prefer the environment variable)")
+    metrics_auth: bool = _setting(False, "require an API key (any scope) for /metrics")
+    insecure: bool = _setting(
+        False, "serve without API keys on a non-loopback address (anyone who reaches the port can load and "
+        "unload models)")
+    container_api: bool = _setting(False, "serve the SageMaker multi-model container API (POST/GET/DELETE /models)")
+    container_api_root: Path = _setting(
+        Path("/opt/ml/models"), "the only directory the container API's POST /models may load from")
+    max_request_bytes: int = _setting(
+        64 << 20, "cap on one request's body, and on the tensors it declares, after decompression (413 beyond)")
+    header_timeout_s: float = _setting(10.0, "seconds a client may take to send a request's headers")
+    body_timeout_s: float = _setting(30.0, "seconds a request body may stall between two chunks (408 after)")
     log_level: str = _setting("info", "debug, info, warning or error")
 
     @property
@@ -127,13 +146,32 @@ def _dest(name: str) -> str:
 
 
 def _kind(name: str) -> type:
-    """str, int, float or Path: the field's type, with the None of an optional one left out."""
+    """str, int, float, bool or Path: the field's type, with the None of an optional one left out."""
     hint = _TYPES[name]
     if isinstance(hint, types.UnionType):
         (hint,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
-    if hint not in (str, int, float, Path):
+    if hint not in (str, int, float, bool, Path):
         raise TypeError(f"setting {name!r}: no flag parsing for {hint!r}")
     return typing.cast(type, hint)
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_bool(text: str | bool) -> bool:
+    """`--container-api`, `--container-api=false`, `MME_CONTAINER_API=1`: the usual spellings, nothing else."""
+    if isinstance(text, bool):
+        return text
+    word = text.strip().lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise argparse.ArgumentTypeError(f"{text!r} is not a yes/no value ({'/'.join(_TRUE)} or {'/'.join(_FALSE)})")
+
+
+def parse(name: str, text: Any) -> Any:
+    """A flag's or an environment variable's text as setting `name`'s type."""
+    kind = _kind(name)
+    return parse_bool(text) if kind is bool else kind(text)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,9 +179,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for name, f in FIELDS.items():
         kind = _kind(name)
         declared = None if f.default is dataclasses.MISSING else f.default
+        switch = {"nargs": "?", "const": True, "type": parse_bool} if kind is bool else {
+            "type": None if kind is str else kind}
         parser.add_argument(
             flag(name), default=os.environ.get(env_var(name), declared), help=f.metadata["help"],
-            type=None if kind is str else kind, choices=f.metadata["choices"],
+            choices=f.metadata["choices"], **switch,
         )
 
 
@@ -154,7 +194,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     for name, f in FIELDS.items():
         value = getattr(args, _dest(name))
         if value is not None:
-            value = _kind(name)(value)
+            try:
+                value = parse(name, value)
+            except (ValueError, argparse.ArgumentTypeError) as exc:  # from the environment: argparse never saw it
+                raise SystemExit(f"{env_var(name)}: {exc}") from None
         choices = f.metadata["choices"]
         if choices and value not in choices:  # argparse checks a flag's value, not one from the environment
             raise SystemExit(f"{flag(name)} (or {env_var(name)}) must be one of {', '.join(choices)}, not {value!r}")

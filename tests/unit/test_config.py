@@ -35,6 +35,8 @@ def _other_value(name: str, tmp_path: Path) -> str:
     if choices:
         return next(choice for choice in choices if choice != f.default)
     kind = config._kind(name)
+    if kind is bool:
+        return "false" if f.default else "yes"
     if kind is int:
         return str((f.default or 0) + 3)
     if kind is float:
@@ -75,7 +77,7 @@ def test_each_environment_variable_sets_its_setting_and_no_other(monkeypatch: py
             after = dataclasses.asdict(_settings())
         changed = {n for n in FIELDS if after[n] != before[n]}
         assert changed == {name}, name
-        assert str(after[name]) == value or after[name] == config._kind(name)(value), name
+        assert str(after[name]) == value or after[name] == config.parse(name, value), name
 
 
 def test_defaults_come_out_as_declared() -> None:
@@ -171,3 +173,15 @@ def test_the_budget_takes_its_settings_from_the_settings() -> None:
     taken = [f.name for f in dataclasses.fields(BudgetConfig) if f.name in FIELDS and f.name != "memory_budget_bytes"]
     assert len(taken) == 7
     assert all(getattr(BudgetConfig(), name) == default(name) for name in taken)  # the declared defaults
+
+
+def test_a_yes_no_setting_is_one_flag_with_or_without_a_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _settings("--store", "s").container_api is False
+    assert _settings("--store", "s", "--container-api").container_api is True
+    assert _settings("--store", "s", "--container-api=no").container_api is False
+    monkeypatch.setenv("MME_CONTAINER_API", "on")
+    assert _settings("--store", "s").container_api is True
+    assert _settings("--store", "s", "--container-api", "false").container_api is False
+    monkeypatch.setenv("MME_CONTAINER_API", "maybe")
+    with pytest.raises(SystemExit):  # argparse parses a text default as it would the flag
+        _settings("--store", "s")
