@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 
+from gateway.backends import resolve_backends, resolve_onnx_backend
 from gateway.config import Settings
 from gateway.dataplane import DataPlane
 from gateway.extract import ExtractLimits
@@ -42,12 +43,15 @@ class Gateway:
         self.store = open_store(settings.store, settings.s3_endpoint_url, settings.s3_region)
         self.probe = detect_probe(settings.memory_probe)
         kinds = resolve_instance_kinds(settings.instance_kind, gpu_present=self.probe.kind == "nvml")
+        backends = resolve_backends(settings.triton_backends, embedded=settings.embedded_triton)
         render = RenderOptions(
-            onnx_backend=settings.resolved_onnx_backend(),
+            onnx_backend=resolve_onnx_backend(settings.onnx_backend, backends),
             instance_kind=kinds.native,
             runner_instance_kind=kinds.runner,
             instance_count=settings.instance_count,
             onnx_threads=settings.onnx_threads,
+            backends=backends,
+            allow_pickle=settings.allow_pickle,
         )
         limits = ExtractLimits(max_total_bytes=settings.max_artifact_bytes, max_files=settings.max_artifact_files)
         self.resources = resolve(settings, self.probe, settings.cache_dir)
@@ -87,7 +91,8 @@ class Gateway:
         )
         self.dataplane = DataPlane(self.manager, self.triton_http, self.triton_grpc, self.metrics,
                                    max_concurrency=self.resources.max_concurrency,
-                                   queue_timeout_s=settings.queue_timeout_s)
+                                   queue_timeout_s=settings.queue_timeout_s,
+                                   max_request_bytes=settings.max_request_bytes)
         self._watcher: asyncio.Task[None] | None = None
         self._memory_watch: asyncio.Task[None] | None = None
         self.ready = False

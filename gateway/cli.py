@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,32 @@ def _demo_model(args: argparse.Namespace) -> int:
     from gateway.demo import write_artifact
 
     print(write_artifact(args.city, Path(args.out)))
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    """Print a new key once; only its hash is kept (appended to --file when given)."""
+    from gateway.keys import key_line, new_key, parse_scopes
+
+    try:
+        scopes = parse_scopes(args.scopes)
+    except ValueError as exc:
+        print(f"mme-gateway keys create: {exc}", file=sys.stderr)
+        return 2
+    if not args.name or any(ch.isspace() or ch in "#;" for ch in args.name):
+        print("mme-gateway keys create: --name must be one word (no spaces, '#' or ';')", file=sys.stderr)
+        return 2
+    key = new_key()
+    line = key_line(args.name, scopes, key)
+    if args.file:
+        path = Path(args.file)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a") as out:
+            out.write(line + "\n")
+        print(f"# added to {path}: {line}", file=sys.stderr)
+    else:
+        print(f"# add this line to --api-keys-file (or MME_API_KEYS): {line}", file=sys.stderr)
+    print(key)
     return 0
 
 
@@ -75,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("city")
     model.add_argument("out", help="destination .tar.gz")
     model.set_defaults(func=_demo_model)
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="make a key: prints the key once (stdout) and the line granting it, "
+                                            "which holds only its hash")
+    create.add_argument("--name", required=True, help="a name for logs, e.g. the client's")
+    create.add_argument("--scopes", default="invoke", help="invoke, manage or invoke,manage (default: invoke)")
+    create.add_argument("--file", help="append the granting line to this keys file (created 0600)")
+    create.set_defaults(func=_keys_create)
     bench = sub.add_parser("bench", help="benchmark gateways from a config file: latency, cache, cost report")
     add_bench_arguments(bench)
     bench.set_defaults(func=_bench)

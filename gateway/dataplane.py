@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2 as pb
 
 from gateway.errors import GatewayError, ModelBusy, ModelNotFound, Throttled
+from gateway.infer_limits import check_grpc_request, check_http_request
 from gateway.manager import ModelManager
 from gateway.metrics import Metrics
 from gateway.records import ModelRecord, State
@@ -158,8 +159,9 @@ class DataPlane:
     """What every edge calls; built once by the composition root and handed to each edge."""
 
     def __init__(self, manager: ModelManager, http: TritonHttp, grpc_client: TritonGrpc, metrics: Metrics,
-                 max_concurrency: int | None, queue_timeout_s: float) -> None:
+                 max_concurrency: int | None, queue_timeout_s: float, max_request_bytes: int) -> None:
         self.manager = manager
+        self.max_request_bytes = max_request_bytes
         self.http = http
         self.grpc = grpc_client
         self.metrics = metrics
@@ -212,11 +214,17 @@ class DataPlane:
         path = f"/v2/models/{rec.name}" + (f"/versions/{version}" if version else "") + "/infer"
         return restore_model_name(await self.http.request("POST", path, body, headers), rec.name, key)
 
+    def checked_body(self, key: str, body: bytes, headers: Mapping[str, str]) -> tuple[bytes, dict[str, str]]:
+        """A KServe v2 HTTP infer body and the headers to forward with it, once its declared tensors are
+        consistent and within the cap (see `gateway.infer_limits`); before any model is loaded for it."""
+        return check_http_request(key, body, headers, self.max_request_bytes)
+
     async def infer(self, key: str, body: bytes, headers: Mapping[str, str], protocol: str,
                     version: str | None = None) -> Forwarded:
-        """KServe v2 HTTP inference: the body reaches Triton untouched. `serving` without its generator layer:
-        this is nearly every request."""
+        """KServe v2 HTTP inference: the body reaches Triton as sent (inflated if it was compressed).
+        `serving` without its generator layer: this is nearly every request."""
         with Outcome(self.metrics, protocol) as outcome:
+            body, headers = self.checked_body(key, body, headers)
             async with self.holding(key) as rec:
                 answer = await self.forward_infer(rec, key, body, headers, version)
                 outcome.status = answer.status
@@ -227,6 +235,7 @@ class DataPlane:
         """KServe v2 gRPC inference: only `model_name` is rewritten each way; tensors pass as bytes."""
         key = request.model_name
         with Outcome(self.metrics, protocol) as outcome:  # `serving` without its generator layer, as in `infer`
+            check_grpc_request(request, self.max_request_bytes)
             async with self.holding(key, wait_s) as rec:
                 request.model_name = rec.name
                 try:

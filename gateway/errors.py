@@ -12,6 +12,7 @@ class GatewayError(Exception):
 
     status: int = 500
     code: str = "InternalError"
+    aws_code: str | None = None  # the SageMaker runtime's error code where it has its own for this case
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -37,6 +38,46 @@ class InvalidRequest(GatewayError):
 
     status = 400
     code = "InvalidRequest"
+
+
+class Unauthenticated(GatewayError):
+    """No credentials, or credentials the gateway does not know."""
+
+    status = 401
+    code = "Unauthenticated"
+    aws_code = "UnrecognizedClientException"
+
+
+class Forbidden(GatewayError):
+    """Valid credentials without the scope the route needs (`manage` for the repository and container API)."""
+
+    status = 403
+    code = "Forbidden"
+    aws_code = "AccessDeniedException"
+
+
+class RequestTooLarge(GatewayError):
+    """The body, or the tensors it declares, exceed --max-request-bytes (after decompression)."""
+
+    status = 413
+    code = "RequestTooLarge"
+    aws_code = "ValidationError"
+
+
+class RequestTimeout(GatewayError):
+    """The client stopped sending its body for longer than --body-timeout."""
+
+    status = 408
+    code = "RequestTimeout"
+    aws_code = "ValidationError"
+
+
+class UnsupportedEncoding(GatewayError):
+    """A Content-Encoding the gateway does not inflate (it inflates gzip and deflate under the size cap)."""
+
+    status = 415
+    code = "UnsupportedContentEncoding"
+    aws_code = "ValidationError"
 
 
 class ModelNotFound(GatewayError):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from gateway.errors import InvalidModelKey
 
 MAX_KEY_LENGTH = 1024
+MAX_SEGMENT_BYTES = 255  # a file name's limit on every common file system (and S3 keys become file names here)
+_SHOWN = 80
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _SLUG_MAX = 48
@@ -32,26 +34,33 @@ class ModelKey:
         return self.key
 
 
+def _shown(key: str) -> str:
+    return repr(key if len(key) <= _SHOWN else key[:_SHOWN] + "...")
+
+
 def validate_key(key: str) -> str:
     """Return `key` if it is a safe relative key under the store prefix, else raise InvalidModelKey.
 
-    Refused: empty keys, absolute paths, `.`/`..` segments, empty segments, backslashes and control
-    characters. These are the ways a key could name something outside the prefix on a local store or an
-    S3 prefix, or produce an unusable file name.
+    Refused: empty keys, absolute paths, `.`/`..` segments, empty segments, backslashes, control
+    characters and segments over 255 bytes. These are the ways a key could name something outside the prefix
+    on a local store or an S3 prefix, or produce an unusable file name. Messages show at most the first 80
+    characters of the key.
     """
     if not key or not key.strip():
         raise InvalidModelKey("TargetModel is empty")
     if len(key) > MAX_KEY_LENGTH:
-        raise InvalidModelKey(f"TargetModel is longer than {MAX_KEY_LENGTH} characters")
+        raise InvalidModelKey(f"TargetModel {_shown(key)} is longer than {MAX_KEY_LENGTH} characters")
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
-        raise InvalidModelKey(f"TargetModel {key!r} contains control characters")
+        raise InvalidModelKey(f"TargetModel {_shown(key)} contains control characters")
     if "\\" in key:
-        raise InvalidModelKey(f"TargetModel {key!r} contains a backslash")
+        raise InvalidModelKey(f"TargetModel {_shown(key)} contains a backslash")
     if key.startswith("/"):
-        raise InvalidModelKey(f"TargetModel {key!r} is absolute; it must be relative to the store prefix")
+        raise InvalidModelKey(f"TargetModel {_shown(key)} is absolute; it must be relative to the store prefix")
     for segment in key.split("/"):
         if segment in ("", ".", ".."):
-            raise InvalidModelKey(f"TargetModel {key!r} escapes or is not a plain path under the store prefix")
+            raise InvalidModelKey(f"TargetModel {_shown(key)} escapes or is not a plain path under the store prefix")
+        if len(segment.encode()) > MAX_SEGMENT_BYTES:
+            raise InvalidModelKey(f"TargetModel {_shown(key)} has a path segment longer than {MAX_SEGMENT_BYTES} bytes")
     return key
 
 

@@ -7,6 +7,7 @@ SIGTERM uvicorn drains HTTP requests before the gRPC edge gets its grace and the
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,19 +15,54 @@ from contextlib import asynccontextmanager
 import uvicorn
 from starlette.applications import Starlette
 
-from gateway.api.fastpath import InferFastPath
+from gateway.api.guard import Guard, SigV4Credentials
 from gateway.api.http import build_app
 from gateway.api.kserve_grpc import GrpcEdge
+from gateway.api.read_timeouts import protocol_with_timeouts
 from gateway.app import Gateway
-from gateway.config import Settings
+from gateway.config import Settings, flag
+from gateway.keys import KeyRing
 
 log = logging.getLogger(__name__)
 
 _GRPC_GRACE_S = 10.0  # in-flight gRPC calls get this long after HTTP has drained
 
 
-def application(settings: Settings) -> tuple[Gateway, InferFastPath]:
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def credentials(settings: Settings) -> tuple[KeyRing, SigV4Credentials | None]:
+    """The API keys and SigV4 credentials in force; SystemExit naming the setting when they are unusable or
+    when the gateway would listen beyond loopback with nobody checked (unless --insecure)."""
+    try:
+        keys = KeyRing(settings.api_keys_file, settings.api_keys)
+    except ValueError as exc:
+        raise SystemExit(f"API keys: {exc}") from None
+    if bool(settings.sigv4_access_key_id) != bool(settings.sigv4_secret_access_key):
+        raise SystemExit(f"{flag('sigv4_access_key_id')} and {flag('sigv4_secret_access_key')} go together")
+    sigv4 = (SigV4Credentials(settings.sigv4_access_key_id, settings.sigv4_secret_access_key)
+             if settings.sigv4_access_key_id and settings.sigv4_secret_access_key else None)
+    if keys.enabled or sigv4 is not None:
+        return keys, sigv4
+    if not is_loopback(settings.host) and not settings.insecure:
+        raise SystemExit(
+            f"refusing to listen on {settings.host} without authentication: anyone reaching the port could load, "
+            f"unload and call every model. Configure {flag('api_keys_file')} or {flag('api_keys')} (mme-gateway "
+            f"keys create), or pass {flag('insecure')} to accept that.")
+    log.warning("auth.disabled", extra={"host": settings.host, "insecure": settings.insecure,
+                                        "hint": f"no API keys: every caller that reaches {settings.host} is trusted"})
+    return keys, None
+
+
+def application(settings: Settings) -> tuple[Gateway, Guard]:
     """The services and the HTTP app whose lifespan starts and stops them with the gRPC edge."""
+    keys, sigv4 = credentials(settings)
     gw = Gateway(settings)
 
     def ready() -> bool:
@@ -38,7 +74,7 @@ def application(settings: Settings) -> tuple[Gateway, InferFastPath]:
         edge: GrpcEdge | None = None
         try:
             if settings.grpc_port:
-                edge = GrpcEdge(gw.dataplane, ready)
+                edge = GrpcEdge(gw.dataplane, ready, keys)
                 await edge.start(settings.host, settings.grpc_port)
             yield
         finally:
@@ -46,14 +82,16 @@ def application(settings: Settings) -> tuple[Gateway, InferFastPath]:
                 await edge.stop(_GRPC_GRACE_S)
             await gw.stop()
 
-    return gw, build_app(gw.dataplane, gw.manager, gw.metrics, gw.store.url, ready, lifespan)
+    app = build_app(gw.dataplane, gw.manager, gw.metrics, gw.store.url, ready, lifespan)
+    return gw, Guard(app, keys, sigv4, settings.max_request_bytes, settings.metrics_auth)
 
 
 def run(settings: Settings) -> int:
     """Serve until SIGTERM or SIGINT; 1 when the gateway could not start."""
     _, app = application(settings)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+        app, host=settings.host, port=settings.port, loop="uvloop",
+        http=protocol_with_timeouts(settings.header_timeout_s, settings.body_timeout_s),
         log_config=None, lifespan="on", access_log=False, timeout_graceful_shutdown=30,
     )
     server = uvicorn.Server(config)

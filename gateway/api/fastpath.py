@@ -13,6 +13,7 @@ from typing import Any, Awaitable, Callable
 from gateway.api.errors import error_response, unexpected_response
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError
+from gateway.naming import validate_key
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -45,14 +46,21 @@ class InferFastPath:
         if target is None:
             return await self.app(scope, receive, send)
         key, version = target
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
+            validate_key(key)  # before a byte of the body is read: a bad key costs nothing
+        except GatewayError as exc:
+            self.dp.metrics.count_request("kserve_http", exc.status)
+            return await error_response(exc)(scope, receive, send)
+        try:
+            chunks = []
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             answer = await self.dp.infer(key, b"".join(chunks), headers, "kserve_http", version)
         except GatewayError as exc:  # errors are rare: the Starlette app's own answers, as ASGI apps
             return await error_response(exc)(scope, receive, send)

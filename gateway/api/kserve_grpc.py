@@ -28,8 +28,11 @@ import grpc.aio
 from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2 as pb
 
+from gateway.api.grpc_auth import KeyInterceptor
 from gateway.dataplane import UNLOAD_WAIT_S, DataPlane, http_status, rename_text
 from gateway.errors import GatewayError, ModelBusy
+from gateway.infer_limits import check_grpc_request
+from gateway.keys import KeyRing
 from gateway.records import ModelRecord
 from gateway.triton.grpc import SERVICE, UNLIMITED, TritonRpcError
 
@@ -42,6 +45,7 @@ _INFER_TIMEOUT_S = 300.0  # upper bound on one inference when the client sets no
 _STREAM_TIMEOUT_S = 3600.0  # upper bound on one ModelStreamInfer stream when the client sets no deadline
 # SO_REUSEPORT off: a second gateway on the same port must fail to start, not share the port silently.
 _SERVER_OPTIONS = [*UNLIMITED, ("grpc.so_reuseport", 0)]
+_FRAMING_BYTES = 1 << 16  # a request message's names, shapes and parameters beside its tensor bytes
 # Extensions Triton advertises that the gateway does not serve (see the module docstring).
 _HIDDEN_EXTENSIONS = {"system_shared_memory", "cuda_shared_memory", "trace", "logging"}
 
@@ -83,9 +87,10 @@ def _remaining(context: grpc.aio.ServicerContext, cap_s: float) -> float:
 class GrpcEdge:
     """The gateway's gRPC server; Triton is reached through the data plane's gRPC client."""
 
-    def __init__(self, dp: DataPlane, ready: Callable[[], bool]) -> None:
+    def __init__(self, dp: DataPlane, ready: Callable[[], bool], keys: KeyRing | None = None) -> None:
         self.dp = dp
         self._ready = ready
+        self._keys = keys if keys is not None and keys.enabled else None
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._server_metadata: pb.ServerMetadataResponse | None = None
@@ -94,7 +99,11 @@ class GrpcEdge:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (inside the running loop: grpc.aio binds to it)."""
-        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        # A message over the request cap is refused by grpc itself (RESOURCE_EXHAUSTED) before it is buffered.
+        options = [*(o for o in _SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"),
+                   ("grpc.max_receive_message_length", self.dp.max_request_bytes + _FRAMING_BYTES)]
+        interceptors = [KeyInterceptor(self._keys)] if self._keys is not None else []
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         handlers = self._handlers()
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         server.add_registered_method_handlers(SERVICE, handlers)
@@ -317,6 +326,7 @@ class GrpcEdge:
             try:
                 request = _parse(pb.ModelInferRequest, raw)
                 key, request_id = request.model_name, request.id
+                check_grpc_request(request, self.dp.max_request_bytes)
                 rec = leased.get(key)
                 if rec is None:
                     rec = leased[key] = await held.enter_async_context(self.dp.holding(key, self._wait_s(context)))

@@ -26,6 +26,10 @@ the body's `__type`, the text in `Message` (the body also keeps the gateway's ow
     TritonUnavailable                      ServiceUnavailable           503     transient: SDKs retry it
     StoreUnavailable                       InternalDependencyException  530     the store failed, not the
                                                                                 request or the model
+    Unauthenticated, Forbidden             UnrecognizedClient..., ...  401/403 AWS's codes for the same cases
+                                           AccessDeniedException
+    RequestTooLarge, RequestTimeout,       ValidationError              413/408 the request is wrong; its own
+    UnsupportedEncoding                                                 /415    status says how
     anything else                          InternalFailure              500
 
 The answer carries `Content-Type`, `X-Amzn-Invoked-Production-Variant: AllTraffic` and the request's
@@ -117,6 +121,8 @@ def runtime_error(exc: GatewayError, key: str | None = None) -> SageMakerError:
         return SageMakerError("ServiceUnavailable", 503, exc.message, exc.code, retry_after=True)
     if isinstance(exc, StoreUnavailable):
         return SageMakerError("InternalDependencyException", 530, exc.message, exc.code)
+    if exc.aws_code is not None:  # authentication and request bounds: their own status, AWS's code
+        return SageMakerError(exc.aws_code, exc.status, exc.message, exc.code)
     return SageMakerError("InternalFailure", 500, exc.message, exc.code)
 
 
@@ -242,13 +248,14 @@ class Invoker:
             encoding = request_headers.get("content-encoding")
             if form == "csv" and encoding and encoding.lower() != "identity":
                 raise InvalidRequestBody(f"text/csv bodies must not be compressed (Content-Encoding {encoding!r})")
+            if form != "csv":  # pass-through: what Triton needs to read the body as the client sent it
+                for name in ("inference-header-content-length", "content-encoding"):
+                    if name in request_headers and name not in {h.lower() for h in headers}:
+                        headers[name] = request_headers[name]
+                body, headers = self.dp.checked_body(key, body, headers)
         except GatewayError as exc:
             self.dp.metrics.count_request(protocol, exc.status)
             raise
-        if form != "csv":  # pass-through: what Triton needs to read the body as the client sent it
-            for name in ("inference-header-content-length", "content-encoding"):
-                if name in request_headers and name not in {h.lower() for h in headers}:
-                    headers[name] = request_headers[name]
         async with self.dp.serving(key, protocol) as (rec, outcome):
             if form == "csv":
                 metadata = await self.dp.metadata_json(rec)
