@@ -49,6 +49,11 @@ class Settings:
     triton_metrics_port: int = _setting(0, "embedded Triton's metrics port (0: a free one)")
     onnx_backend: str = _setting(
         "auto", "serve ONNX with Triton's onnxruntime backend or the Python runner", ONNX_BACKENDS)
+    triton_backends: str = _setting(
+        "auto", "backends the Triton in front has, comma-separated (onnxruntime,python,fil,...); auto: the "
+        "embedded Triton's own, or a full Triton image for an external one")
+    allow_pickle: bool = _setting(
+        False, "load scikit-learn pickles (model.pkl, model.joblib) to convert them to ONNX; a pickle runs code")
     instance_count: int = _setting(1, "Triton instances per model when the artifact has no config")
     onnx_threads: int = _setting(1, "onnxruntime intra-op threads per instance of the Python runner")
     wait_timeout_s: float = _setting(60.0, "seconds a request waits for its model to load before 'not ready, retry'")

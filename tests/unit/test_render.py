@@ -63,9 +63,13 @@ def test_an_onnxruntime_config_is_switched_to_the_runner_on_the_python_backend(t
     assert config.input[0].name == "features" and (root / "1/model.py").exists()
 
 
-def test_no_model_inside_is_refused_with_what_was_found(tmp_path: Path) -> None:
-    with pytest.raises(InvalidArtifact, match="holds no model.*README.txt"):
-        render_model_dir(_tree(tmp_path, {"README.txt": b"hi"}), "m", "k", RenderOptions())
+def test_no_model_inside_is_refused_naming_the_formats_never_the_listing(tmp_path: Path) -> None:
+    files = {"secret-customer-list.csv": b"a,b", "nested/private.key": b"k"}
+    with pytest.raises(InvalidArtifact) as refused:
+        render_model_dir(_tree(tmp_path, files), "m", "cities/k.tar.gz", RenderOptions())
+    message = refused.value.message
+    assert "'cities/k.tar.gz' holds no model" in message and "model.onnx" in message and "xgboost.json" in message
+    assert "secret-customer-list" not in message and "private.key" not in message and str(tmp_path) not in message
 
 
 def test_a_broken_config_is_refused(tmp_path: Path) -> None:
