@@ -38,7 +38,10 @@ def parse_backends(value: str) -> frozenset[str]:
 def resolve_backends(setting: str, embedded: bool, backend_dir: Path | None = None) -> frozenset[str]:
     """`setting` is 'auto' or a comma-separated list; auto asks the embedded Triton or assumes a full one."""
     if setting != "auto":
-        backends = parse_backends(setting)
+        try:
+            backends = parse_backends(setting)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         source = "--triton-backends"
     elif embedded:
         backends = (frozenset(p.name for p in backend_dir.iterdir() if p.is_dir()) if backend_dir

@@ -55,6 +55,18 @@ TABULAR_MAX_BATCH_SIZE = 32768
 TABULAR_QUEUE_DELAY_US = 100
 
 
+def fil_model_type(path: Path) -> str:
+    """FIL's model_type for a model file: by its name, except `xgboost.model`, which XGBoost 2+ writes as JSON or
+    UBJSON (sniffed: both open with `{`, JSON then text) and older XGBoost in its legacy binary format."""
+    if path.name != "xgboost.model":
+        return FIL_MODEL_TYPES.get(path.name, "")  # "" for files FIL does not read
+    with path.open("rb") as fh:
+        head = fh.read(64)
+    if not head.startswith(b"{"):
+        return "xgboost"
+    return "xgboost_json" if head[1:].lstrip()[:1] in (b'"', b"}") else "xgboost_ubj"
+
+
 def detect(version: Path) -> tuple[Format, str] | None:
     """The first format (in table order) with a file in `version`, and that file's name."""
     for fmt in FORMATS:

@@ -29,8 +29,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from gateway.containment import check_config_paths
 from gateway.convert import INPUT_NAME, OUTPUT_NAME, inspect_model, sklearn_to_onnx
 from gateway.errors import InvalidArtifact
-from gateway.frameworks import (FIL_MODEL_TYPES, TABULAR_MAX_BATCH_SIZE, TABULAR_QUEUE_DELAY_US, Format, detect,
-                                expected_files)
+from gateway.frameworks import (TABULAR_MAX_BATCH_SIZE, TABULAR_QUEUE_DELAY_US, Format, detect, expected_files,
+                                fil_model_type)
 from gateway.onnx_io import Signature, TensorSpec, read_signature
 from gateway.sidecar import read_sidecar
 from gateway.paths import PYTHON_BACKENDS_DIR, TEMPLATES_DIR
@@ -241,7 +241,7 @@ def _render_bare(fmt: Format, model_file: str, name: str, version: Path, key: st
             f"Triton behind this gateway does not have (it has: {', '.join(sorted(options.backends))})"
         )
     values: dict[str, object] = {"name": name, "model_file": model_file,
-                                 "model_type": FIL_MODEL_TYPES.get(model_file, ""), "output_class": "false"}
+                                 "model_type": fil_model_type(version / model_file), "output_class": "false"}
     if fmt.framework not in ("xgboost", "lightgbm"):  # treelite: its tensors come from io.json or a fragment
         return _from_template(fmt.native_template, options, options.instance_kind, **values), None
     tabular = inspect_model(fmt.framework, version / model_file, key)
