@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gateway import logs
 from gateway.config import add_serve_arguments, settings_from_args
+from gateway.router.settings import add_router_arguments
 
 log = logging.getLogger("gateway.cli")
 
@@ -18,6 +19,15 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.server import run
 
     settings = settings_from_args(args)
+    logs.configure(settings.log_level)
+    return run(settings)
+
+
+def _router(args: argparse.Namespace) -> int:
+    from gateway.router.server import run
+    from gateway.router.settings import router_settings_from_args
+
+    settings = router_settings_from_args(args)
     logs.configure(settings.log_level)
     return run(settings)
 
@@ -94,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the gateway (starts an embedded Triton unless --triton-*-url)")
     add_serve_arguments(serve)
     serve.set_defaults(func=_serve)
+    router = sub.add_parser("router", help="route requests across gateway instances by model affinity")
+    add_router_arguments(router)
+    router.set_defaults(func=_router)
     store = sub.add_parser("demo-store", help="write the per-city house-price demo models into a directory")
     store.add_argument("dir")
     store.add_argument("--cities", nargs="*", help="city names such as Chicago_IL (default: the demo set)")

@@ -81,8 +81,21 @@ class GatewayProcess:
         cmd = [sys.executable, "-m", "gateway", "serve", "--port", str(self.port), "--grpc-port", str(self.grpc_port),
                "--cache-dir", str(self.cache_dir), *args]
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                     env={**os.environ, **(env or {})})
+        self._cmd, self._env = cmd, {**os.environ, **(env or {})}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=self._env)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would (its Triton follows through PDEATHSIG)."""
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def restart(self) -> "GatewayProcess":
+        """The same command on the same ports and cache, after `kill()` or `stop()`; not waited for."""
+        self._log.close()
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self._cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                     env=self._env)
+        return self
 
     def wait_ready(self, timeout_s: float = 120.0) -> "GatewayProcess":
         deadline = time.monotonic() + timeout_s
@@ -199,3 +212,72 @@ def ballast_artifact(**params: object) -> bytes:
     for key, value in params.items():
         config += f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
     return tar_gz({"config.pbtxt": config.encode(), "1/model.py": _BALLAST_MODEL.encode()})
+
+
+def prometheus_samples(text: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    """Every sample of metric `name` in a /metrics text, keyed by its label set."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                found[frozenset(sample.labels.items())] = sample.value
+    return found
+
+
+class RouterProcess:
+    """`python -m gateway router ...` in front of gateways, with its log captured; stopped with SIGTERM."""
+
+    def __init__(self, instances: list[GatewayProcess], workdir: Path, args: Iterable[str] = ()) -> None:
+        self.port = free_port()
+        self.grpc_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
+        self.expected = len(instances)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / "router.log"
+        listed = ",".join(f"127.0.0.1:{gw.port}:{gw.grpc_port}" for gw in instances)
+        cmd = [sys.executable, "-m", "gateway", "router", "--port", str(self.port), "--grpc-port",
+               str(self.grpc_port), "--instances", listed, *args]
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+
+    def metrics_text(self) -> str:
+        status, body, _ = http("GET", self.url + "/metrics", timeout=10)
+        assert status == 200
+        return body.decode()
+
+    def samples(self, name: str) -> dict[frozenset[tuple[str, str]], float]:
+        return prometheus_samples(self.metrics_text(), name)
+
+    def healthy_count(self) -> int:
+        return int(sum(self.samples("mme_router_instance_healthy").values()))
+
+    def wait_healthy(self, count: int | None = None, timeout_s: float = 60.0) -> "RouterProcess":
+        """Until `count` instances (default: all) take traffic."""
+        want = self.expected if count is None else count
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"router exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            try:
+                if self.healthy_count() == want:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"router did not see {want} healthy instances in {timeout_s}s:\n{self.log_text()[-4000:]}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()

@@ -1,0 +1,249 @@
+"""The router's gRPC side: `inference.GRPCInferenceService` forwarded as bytes, one channel per instance.
+
+Every method is registered without (de)serializers. The TargetModel is read from the request's model-name
+field by a few lines of protobuf wire decoding (`model_field`), so tensors are never parsed; the client's
+metadata (`authorization` included) and deadline go upstream, and the instance's status, details and
+trailing metadata come back. ServerLive and ServerReady are the router's own answers; ModelStreamInfer
+goes, whole, to the instance its first request's model routes to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, AsyncIterator
+
+import grpc
+import grpc.aio
+from tritonclient.grpc import service_pb2 as pb
+
+from gateway.router.fleet import Fleet, Instance
+from gateway.router.metrics import RouterMetrics
+from gateway.router.table import ConnectFailed, NoInstance, RoutingTable
+from gateway.triton.grpc import SERVICE, UNLIMITED
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "kserve_grpc"
+# Which field of each request names the model (all strings); absent methods name none.
+MODEL_FIELD = {"ModelInfer": 1, "ModelStreamInfer": 1, "ModelReady": 1, "ModelMetadata": 1, "ModelConfig": 1,
+               "ModelStatistics": 1, "RepositoryModelLoad": 2, "RepositoryModelUnload": 2}
+_LEARNS = {"ModelInfer", "ModelStreamInfer", "ModelMetadata", "ModelConfig", "ModelStatistics",
+           "RepositoryModelLoad"}
+_CHANNEL_OPTIONS = [*UNLIMITED, ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000),
+                    ("grpc.min_reconnect_backoff_ms", 200)]
+_SERVER_OPTIONS = [*UNLIMITED, ("grpc.so_reuseport", 0)]
+_NOT_FORWARDED = ("user-agent", "content-type", "te", "host")
+
+
+def model_field(raw: bytes, number: int) -> str | None:
+    """The string in field `number` of a serialized protobuf message, None when absent or unreadable."""
+    pos, end = 0, len(raw)
+
+    def varint() -> int:
+        nonlocal pos
+        shift = value = 0
+        while True:
+            if pos >= end or shift > 63:
+                raise ValueError("truncated varint")
+            byte = raw[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+
+    try:
+        while pos < end:
+            tag = varint()
+            field, wire = tag >> 3, tag & 7
+            if wire == 0:
+                varint()
+            elif wire == 1:
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            elif wire == 2:
+                length = varint()
+                if field == number:
+                    if pos + length > end:
+                        return None
+                    return raw[pos:pos + length].decode("utf-8") or None
+                pos += length
+            else:
+                return None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def forwarded_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, Any], ...]:
+    return tuple((k, v) for k, v in (context.invocation_metadata() or ())
+                 if not k.startswith((":", "grpc-")) and k not in _NOT_FORWARDED)
+
+
+def _trailing(exc: grpc.aio.AioRpcError) -> tuple[tuple[str, Any], ...]:
+    """The instance's trailing metadata (its `mme-error-code`), as the tuple `abort` takes."""
+    return tuple((k, v) for k, v in (exc.trailing_metadata() or ()) if not k.startswith(("grpc-", ":")))
+
+
+def _connect_failure(exc: grpc.aio.AioRpcError) -> bool:
+    """UNAVAILABLE from the channel itself (no instance answered), not an instance's own 503."""
+    if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+        return False
+    if any(k == "mme-error-code" for k, _ in (exc.trailing_metadata() or ())):
+        return False
+    details = (exc.details() or "").lower()
+    return "failed to connect" in details or "connection refused" in details
+
+
+class GrpcForwarder:
+    def __init__(self, table: RoutingTable, fleet: Fleet, metrics: RouterMetrics, timeout_s: float) -> None:
+        self.table = table
+        self.fleet = fleet
+        self.metrics = metrics
+        self.timeout_s = timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    # -- channels ---------------------------------------------------------------------------------------------
+
+    def channel(self, instance: Instance) -> grpc.aio.Channel:
+        found = self._channels.get(instance.name)
+        if found is None:
+            found = self._channels[instance.name] = grpc.aio.insecure_channel(instance.grpc_target,
+                                                                               options=_CHANNEL_OPTIONS)
+        return found
+
+    def drop_channel(self, instance: Instance) -> None:
+        """A new channel for an instance that came back or left: the old one may sit in reconnect backoff."""
+        old = self._channels.pop(instance.name, None)
+        if old is not None:
+            asyncio.get_running_loop().create_task(old.close())
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> int:
+        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for name in (f.name for f in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods):
+            if name == "ModelStreamInfer":
+                handlers[name] = grpc.stream_stream_rpc_method_handler(self._stream)
+            else:
+                handlers[name] = grpc.unary_unary_rpc_method_handler(self._unary_for(name))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise RuntimeError(f"router gRPC cannot listen on {address}: {exc}") from None
+        await server.start()
+        self._server = server
+        log.info("router.grpc_listening", extra={"host": host, "port": self.port})
+        return self.port
+
+    async def stop(self, grace_s: float) -> None:
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    # -- unary calls -------------------------------------------------------------------------------------------
+
+    def _unary_for(self, method: str) -> Any:
+        path = f"/{SERVICE}/{method}"
+        field = MODEL_FIELD.get(method)
+
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            if method == "ServerLive":
+                return pb.ServerLiveResponse(live=True).SerializeToString()
+            if method == "ServerReady":
+                return pb.ServerReadyResponse(ready=bool(self.fleet.healthy())).SerializeToString()
+            started = time.perf_counter()
+            model = model_field(request, field) if field else None
+            metadata = forwarded_metadata(context)
+            left = context.time_remaining()
+            timeout = self.timeout_s if left is None else max(min(left, self.timeout_s), 0.001)
+
+            async def attempt(instance: Instance) -> bytes:
+                call = self.channel(instance).unary_unary(path)(request, timeout=timeout, metadata=metadata)
+                try:
+                    return await call
+                except grpc.aio.AioRpcError as exc:
+                    if _connect_failure(exc):
+                        raise ConnectFailed(exc.details() or "unavailable") from exc
+                    raise
+
+            try:
+                instance, answer = await self.table.forward(model, attempt)
+            except NoInstance as exc:
+                self._done("no_instance", grpc.StatusCode.UNAVAILABLE, started)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc),
+                                    trailing_metadata=(("mme-error-code", "NoHealthyInstance"),))
+            except grpc.aio.AioRpcError as exc:
+                self._done(None, exc.code(), started)
+                await context.abort(exc.code(), exc.details() or "", trailing_metadata=_trailing(exc))
+            if method in _LEARNS:
+                self.table.learned(instance, model)
+            elif method == "RepositoryModelUnload":
+                self.table.forgot(instance, model)
+            self._done(None, grpc.StatusCode.OK, started)
+            return answer
+
+        return handle
+
+    def _done(self, error: str | None, code: grpc.StatusCode, started: float) -> None:
+        if error is not None:
+            self.metrics.errors.labels(error).inc()
+        self.metrics.requests.labels(PROTOCOL, code.name).inc()
+        self.metrics.latency.labels(PROTOCOL).observe(time.perf_counter() - started)
+
+    # -- the stream ----------------------------------------------------------------------------------------------
+
+    async def _stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """The whole stream goes where its first request's model routes (an instance serves any model)."""
+        first = await anext(aiter(requests), None)
+        if first is None:
+            return
+        model = model_field(first, 1)
+        metadata = forwarded_metadata(context)
+        left = context.time_remaining()
+        timeout = None if left is None else max(left, 0.001)
+        try:
+            instance, reason = self.table.pick(model, set())
+        except NoInstance as exc:
+            self.metrics.errors.labels("no_instance").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        self.metrics.decision(reason.value)
+        instance.outstanding += 1
+        self.metrics.outstanding.labels(instance.name).inc()
+        upstream = self.channel(instance).stream_stream(f"/{SERVICE}/ModelStreamInfer")(
+            timeout=timeout, metadata=metadata)
+
+        async def pump() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await upstream.write(first)
+                async for raw in requests:
+                    await upstream.write(raw)
+                await upstream.done_writing()
+
+        writer = asyncio.create_task(pump())
+        try:
+            async for answer in upstream:
+                yield answer
+            self.table.learned(instance, model)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is not grpc.StatusCode.CANCELLED:
+                self.metrics.errors.labels("upstream").inc()
+                await context.abort(exc.code(), exc.details() or "", trailing_metadata=_trailing(exc))
+        finally:
+            upstream.cancel()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+            instance.outstanding -= 1
+            self.metrics.outstanding.labels(instance.name).dec()

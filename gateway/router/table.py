@@ -1,0 +1,80 @@
+"""The routing table: applies the policy to the fleet, holds the outstanding count, learns placements and
+retries a refused connection once elsewhere. Both forwarders (HTTP and gRPC) go through `forward`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Awaitable, Callable, TypeVar
+
+from gateway.router.fleet import Fleet, Instance
+from gateway.router.metrics import RouterMetrics
+from gateway.router.policy import Candidate, Reason, decide
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ConnectFailed(Exception):
+    """The instance refused or dropped the connection before the request was sent: safe to send elsewhere."""
+
+
+class NoInstance(Exception):
+    """No healthy instance can take the request; the message says why (503)."""
+
+
+class RoutingTable:
+    def __init__(self, fleet: Fleet, metrics: RouterMetrics, strategy: str, spill_threshold: int,
+                 affinity: bool = True, rng: random.Random | None = None) -> None:
+        self.fleet = fleet
+        self.metrics = metrics
+        self.strategy = strategy
+        self.spill_threshold = spill_threshold
+        self.affinity = affinity
+        self.rng = rng or random.Random()
+
+    def pick(self, model: str | None, exclude: set[str]) -> tuple[Instance, Reason]:
+        candidates = [Candidate(i.name, i.outstanding, i.free_bytes, model is not None and i.holds(model))
+                      for i in self.fleet.healthy() if i.name not in exclude]
+        decision = decide(model, candidates, self.strategy, self.spill_threshold, self.rng, self.affinity)
+        if decision is None:
+            raise NoInstance(self.fleet.unavailable_reason())
+        instance = self.fleet.instances[decision.name]
+        if model is not None and decision.reason in (Reason.HASH, Reason.SPILL):
+            instance.place(model)  # concurrent requests for a cold model follow this one instead of hashing again
+        return instance, decision.reason
+
+    async def forward(self, model: str | None, attempt: Callable[[Instance], Awaitable[T]]) -> tuple[Instance, T]:
+        """Run `attempt` on the chosen instance while counting it outstanding; once more elsewhere if the
+        connection was refused. Raises NoInstance, or whatever `attempt` raises."""
+        excluded: set[str] = set()
+        while True:
+            instance, reason = self.pick(model, excluded)
+            self.metrics.decision((Reason.FAILOVER if excluded else reason).value)
+            instance.outstanding += 1
+            gauge = self.metrics.outstanding.labels(instance.name)
+            gauge.inc()
+            try:
+                return instance, await attempt(instance)
+            except ConnectFailed as exc:
+                self.metrics.errors.labels("connect").inc()
+                self.fleet.mark_down(instance, f"connection failed: {exc}")
+                if excluded:
+                    raise NoInstance(f"gateway instances {', '.join(sorted(excluded | {instance.name}))} "
+                                     "refused the connection") from None
+                excluded.add(instance.name)
+            finally:
+                instance.outstanding -= 1
+                gauge.dec()
+
+    def learned(self, instance: Instance, model: str | None) -> None:
+        """The instance served `model`: it holds it (it may have been a spill or a failover target)."""
+        if model is not None and instance.name in self.fleet.instances:
+            instance.place(model)
+
+    def forgot(self, instance: Instance, model: str | None) -> None:
+        """The instance unloaded `model` on a client's request."""
+        if model is not None:
+            instance.models.pop(model, None)
