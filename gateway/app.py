@@ -8,6 +8,7 @@ import contextlib
 import logging
 
 from gateway.backends import resolve_backends, resolve_onnx_backend
+from gateway import redact
 from gateway.config import Settings
 from gateway.dataplane import DataPlane
 from gateway.extract import ExtractLimits
@@ -93,6 +94,9 @@ class Gateway:
                                    max_concurrency=self.resources.max_concurrency,
                                    queue_timeout_s=settings.queue_timeout_s,
                                    max_request_bytes=settings.max_request_bytes)
+        redact.configure({str(settings.cache_dir): "<cache>", self.store.url: "<store>",
+                          settings.s3_endpoint_url or "": "<store endpoint>", http_url: "<triton>",
+                          grpc_url: "<triton>"}, self.dataplane.names)
         self._watcher: asyncio.Task[None] | None = None
         self._memory_watch: asyncio.Task[None] | None = None
         self.ready = False

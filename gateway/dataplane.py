@@ -26,8 +26,10 @@ from tritonclient.grpc import service_pb2 as pb
 from gateway.errors import GatewayError, ModelBusy, ModelNotFound, Throttled
 from gateway.infer_limits import check_grpc_request, check_http_request
 from gateway.manager import ModelManager
+from gateway.naming import ModelKey
 from gateway.metrics import Metrics
 from gateway.records import ModelRecord, State
+from gateway.redact import public
 from gateway.triton.grpc import TritonGrpc, TritonRpcError
 from gateway.triton.http import Forwarded, TritonHttp
 
@@ -64,7 +66,8 @@ def restore_model_name(answer: Forwarded, triton_name: str, key: str) -> Forward
     if "content-encoding" in answer.headers:
         return answer
     if answer.status >= 400:
-        return Forwarded(answer.status, answer.headers, answer.body.replace(triton_name.encode(), key.encode()))
+        text = answer.body.replace(triton_name.encode(), key.encode()).decode("utf-8", "replace")
+        return Forwarded(answer.status, answer.headers, public_error_body(text).encode())
     needle = b'"model_name":"' + triton_name.encode() + b'"'
     replacement = b'"model_name":' + json.dumps(key).encode()
     header_length = answer.headers.get(_HEADER_LENGTH)
@@ -75,6 +78,18 @@ def restore_model_name(answer: Forwarded, triton_name: str, key: str) -> Forward
     if len(head) == n:
         return answer
     return Forwarded(answer.status, {**answer.headers, _HEADER_LENGTH: str(len(head))}, head + answer.body[n:])
+
+
+def public_error_body(text: str) -> str:
+    """Triton's error answer (`{"error": "..."}`) with its message made public; other text likewise."""
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return public(text)
+    if isinstance(document, dict) and isinstance(document.get("error"), str):
+        document["error"] = public(document["error"])
+        return json.dumps(document)
+    return public(text)
 
 
 def rename_json(document: Any, triton_name: str, key: str) -> Any:
@@ -176,7 +191,7 @@ class DataPlane:
 
     # -- holding a model for a request ----------------------------------------------------------------------
 
-    def holding(self, key: str, wait_s: float | None = None) -> AbstractAsyncContextManager[ModelRecord]:
+    def holding(self, key: str | ModelKey, wait_s: float | None = None) -> AbstractAsyncContextManager[ModelRecord]:
         """A concurrency slot (the profile's vCPUs: wait, then 429) and a lease on the ready model; without a
         cap, the lease alone (no extra layer on the hot path)."""
         if self._slots is None:
@@ -184,14 +199,14 @@ class DataPlane:
         return self._capped(key, wait_s)
 
     @contextlib.asynccontextmanager
-    async def _capped(self, key: str, wait_s: float | None) -> AsyncIterator[ModelRecord]:
+    async def _capped(self, key: str | ModelKey, wait_s: float | None) -> AsyncIterator[ModelRecord]:
         assert self._slots is not None
         try:
             await asyncio.wait_for(self._slots.acquire(), timeout=self.queue_timeout_s)
         except asyncio.TimeoutError:
             raise Throttled(
                 f"all {self.max_concurrency} invocation slots stayed busy for {self.queue_timeout_s:.0f}s "
-                f"(model {key!r}); retry with backoff") from None
+                f"(model {str(key)!r}); retry with backoff") from None
         try:
             async with self.manager.lease(key, wait_s) as rec:
                 yield rec
@@ -199,7 +214,7 @@ class DataPlane:
             self._slots.release()
 
     @contextlib.asynccontextmanager
-    async def serving(self, key: str, protocol: str,
+    async def serving(self, key: str | ModelKey, protocol: str,
                       wait_s: float | None = None) -> AsyncIterator[tuple[ModelRecord, Outcome]]:
         """`holding`, and the request counted under `protocol` (see `Outcome`)."""
         with Outcome(self.metrics, protocol) as outcome:
@@ -321,10 +336,12 @@ class DataPlane:
         states, with the reason a model is not served when there is one."""
         rows = []
         for rec in sorted(self.manager.records(), key=lambda r: r.model.key):
+            if rec.source is not None:
+                continue  # registered through the container API: its own namespace, not a store key
             state = TRITON_STATES.get(rec.state, "UNAVAILABLE")
             if ready_only and state != "READY":
                 continue
-            reason = rec.error.message if rec.error is not None and state == "UNAVAILABLE" else ""
+            reason = public(rec.error.message) if rec.error is not None and state == "UNAVAILABLE" else ""
             rows.append(IndexRow(rec.model.key, state, reason))
         return rows
 

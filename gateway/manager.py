@@ -24,7 +24,6 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import AsyncIterator, Coroutine
 
 from gateway.budget import BudgetConfig, MemoryBudget, model_class
@@ -50,7 +49,6 @@ from gateway.policy import EvictionPolicy
 from gateway.records import RESIDENT, ModelRecord, State
 from gateway.staging import StagedArtifact, Staging
 from gateway.store.base import ArtifactStore, ObjectInfo
-from gateway.store.path import PathSource
 from gateway.triton.control import ModelControl
 
 log = logging.getLogger(__name__)
@@ -122,12 +120,10 @@ class ModelManager:
         """Memory of models loaded, loading or not yet confirmed unloaded."""
         return self.budget.committed_bytes()
 
-    def _resolve(self, key: str) -> ModelKey:
-        """A registered name wins over a store key of the same spelling."""
-        name = self._registered.get(key)
-        if name is not None and name in self._records:
-            return self._records[name].model
-        return model_key(key, self.store.url)
+    def _resolve(self, key: str | ModelKey) -> ModelKey:
+        """A store key's model; a ModelKey (a registered model's, from `registered_model`) as it is. Registered
+        names live apart: they never change what a store key answers on any route."""
+        return key if isinstance(key, ModelKey) else model_key(key, self.store.url)
 
     def _source(self, rec: ModelRecord) -> ArtifactStore:
         return rec.source or self.store
@@ -148,7 +144,7 @@ class ModelManager:
     # -- the request path --------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def lease(self, key: str, wait_timeout_s: float | None = None) -> AsyncIterator[ModelRecord]:
+    async def lease(self, key: str | ModelKey, wait_timeout_s: float | None = None) -> AsyncIterator[ModelRecord]:
         """Make `key` ready (staging and loading it if needed) and hold it loaded while the block runs."""
         model = self._resolve(key)
         rec = await self._acquire(model, self.config.wait_timeout_s if wait_timeout_s is None else wait_timeout_s)
@@ -167,7 +163,7 @@ class ModelManager:
             if not self.config.model_cache_enabled and rec.leases == 0 and rec.source is None:
                 self._spawn(self._evict(rec, reason="cache_disabled", delete=True))
 
-    async def ensure_ready(self, key: str, wait_timeout_s: float | None = None) -> ModelRecord:
+    async def ensure_ready(self, key: str | ModelKey, wait_timeout_s: float | None = None) -> ModelRecord:
         """Load `key` without holding it (metadata calls, explicit loads)."""
         model = self._resolve(key)
         rec = await self._acquire(model, self.config.wait_timeout_s if wait_timeout_s is None else wait_timeout_s)
@@ -238,6 +234,8 @@ class ModelManager:
         except BaseException as exc:  # store or Triton unreachable, cancelled: nothing is cached, retry later
             if rec.state is State.STAGING:
                 rec.state = State.STAGED if self.staging.staged(rec.name) else State.ABSENT
+            if rec.state is State.ABSENT and rec.source is None and not rec.leases:
+                self._records.pop(rec.name, None)  # nothing learned: a key that never staged leaves no record
             if isinstance(exc, GatewayError):
                 self.metrics.load_failures.labels(reason=exc.code).inc()
             raise
@@ -326,22 +324,35 @@ class ModelManager:
 
     # -- models registered by path (the SageMaker multi-model container API) ------------------------------
 
-    async def register(self, name: str, path: Path, wait_timeout_s: float | None = None) -> ModelRecord:
-        """Load the model at `path` under `name`; ModelAlreadyExists (409) if that name is registered."""
+    async def register(self, name: str, source: ArtifactStore, wait_timeout_s: float | None = None) -> ModelRecord:
+        """Load the one model `source` holds under `name`; ModelAlreadyExists (409) if that name is registered
+        or is a model in the store (a registered name must not look like it answers for a store key)."""
         if name in self._registered:
             raise ModelAlreadyExists(f"model {name!r} is already loaded")
-        model = model_key(name, namespace=f"registered:{path}")
+        model = model_key(name, namespace=f"registered:{source.url}")
+        try:
+            await asyncio.to_thread(self.store.head, name)
+        except ModelNotFound:
+            pass
+        else:
+            raise ModelAlreadyExists(f"model name {name!r} is a model in the store; register it under another name")
         rec = self._record(model)
-        rec.source = PathSource(path)
+        rec.source = source
         self._registered[name] = model.triton_name
         try:
-            return await self.ensure_ready(name, wait_timeout_s)
+            return await self.ensure_ready(model, wait_timeout_s)
         except ModelNotReady:
             raise  # keeps loading in the background; the registration stands
         except BaseException:
             self._registered.pop(name, None)
             self._records.pop(model.triton_name, None)
             raise
+
+    def registered_model(self, name: str) -> ModelKey | None:
+        """The model registered as `name` (the container API's invoke leases it by this), or None."""
+        triton_name = self._registered.get(name)
+        rec = self._records.get(triton_name or "")
+        return None if rec is None else rec.model
 
     def registered(self) -> dict[str, ModelRecord]:
         return {name: self._records[t] for name, t in self._registered.items() if t in self._records}

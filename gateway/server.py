@@ -17,6 +17,7 @@ from starlette.applications import Starlette
 
 from gateway.api.guard import Guard, SigV4Credentials
 from gateway.api.http import build_app
+from gateway.api.sagemaker_container import ContainerApi
 from gateway.api.kserve_grpc import GrpcEdge
 from gateway.api.read_timeouts import protocol_with_timeouts
 from gateway.app import Gateway
@@ -82,7 +83,8 @@ def application(settings: Settings) -> tuple[Gateway, Guard]:
                 await edge.stop(_GRPC_GRACE_S)
             await gw.stop()
 
-    app = build_app(gw.dataplane, gw.manager, gw.metrics, gw.store.url, ready, lifespan)
+    container = (ContainerApi(settings.container_api_root, gw.staging.limits) if settings.container_api else None)
+    app = build_app(gw.dataplane, gw.manager, gw.metrics, gw.store.url, ready, lifespan, container)
     return gw, Guard(app, keys, sigv4, settings.max_request_bytes, settings.metrics_auth)
 
 

@@ -47,11 +47,27 @@ def s3(s3_endpoint: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def s3_gateway(s3, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    """A gateway on the S3 store with its own embedded Triton."""
+def container_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The s3_gateway's --container-api-root: the only place its container API loads models from."""
+    return tmp_path_factory.mktemp("container-root")
+
+
+@pytest.fixture
+def model_root(container_root: Path, request: pytest.FixtureRequest) -> Path:
+    """A fresh directory under the container-API root, for one test's model directories."""
+    path = container_root / request.node.name
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="session")
+def s3_gateway(s3, s3_endpoint: str, container_root: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """A gateway on the S3 store with its own embedded Triton, its container API on."""
     work = tmp_path_factory.mktemp("s3-gateway")
     gw = GatewayProcess(
-        ["--store", f"s3://{BUCKET}/{PREFIX}", "--s3-endpoint-url", s3_endpoint, "--etag-ttl", "1"],
+        ["--store", f"s3://{BUCKET}/{PREFIX}", "--s3-endpoint-url", s3_endpoint, "--etag-ttl", "1",
+         "--container-api", "--container-api-root", str(container_root)],
         work, env=S3_ENV,
     )
     try:

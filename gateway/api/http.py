@@ -17,12 +17,14 @@ from gateway.metrics import Metrics
 
 
 def build_app(dp: DataPlane, manager: ModelManager, metrics: Metrics, store_url: str, ready: Callable[[], bool],
-              lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None) -> InferFastPath:
-    """`manager` serves the container API's registrations; everything else goes through the data plane."""
+              lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+              container: sagemaker_container.ContainerApi | None = None) -> InferFastPath:
+    """`manager` serves the container API's registrations (None: the API is off); everything else goes
+    through the data plane."""
     invoker = sagemaker_runtime.Invoker(dp)
     app = Starlette(
         routes=[*kserve_http.health_routes(ready), *ops.routes(metrics), *sagemaker_runtime.routes(invoker),
-                *sagemaker_container.routes(dp, manager, invoker, store_url, ready), *kserve_http.routes(dp)],
+                *sagemaker_container.routes(dp, manager, invoker, store_url, ready, container), *kserve_http.routes(dp)],
         lifespan=lifespan,
         exception_handlers={GatewayError: handle_gateway_error, Exception: handle_unexpected},
     )

@@ -34,6 +34,7 @@ from gateway.errors import GatewayError, ModelBusy
 from gateway.infer_limits import check_grpc_request
 from gateway.keys import KeyRing
 from gateway.records import ModelRecord
+from gateway.redact import public
 from gateway.triton.grpc import SERVICE, UNLIMITED, TritonRpcError
 
 log = logging.getLogger(__name__)
@@ -175,11 +176,11 @@ class GrpcEdge:
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         if isinstance(exc, GatewayError):
-            await context.abort(grpc_code(exc), exc.message, trailing_metadata=(("mme-error-code", exc.code),))
+            await context.abort(grpc_code(exc), public(exc.message), trailing_metadata=(("mme-error-code", exc.code),))
         assert isinstance(exc, TritonRpcError)
         if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
             log.warning("grpc.upstream_error", extra={"code": exc.code.name, "error": exc.details})
-        await context.abort(exc.code, exc.details)
+        await context.abort(exc.code, public(exc.details))
 
     async def _abort_unexpected(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         """A bug, not a client or model problem: log it whole, tell the client only that it happened."""
@@ -335,7 +336,7 @@ class GrpcEdge:
             except (GatewayError, TritonRpcError) as exc:
                 self._count(exc.status if isinstance(exc, GatewayError) else http_status(exc.code))
                 message = exc.message if isinstance(exc, GatewayError) else exc.details
-                refused = pb.ModelStreamInferResponse(error_message=message)
+                refused = pb.ModelStreamInferResponse(error_message=public(message))
                 refused.infer_response.model_name = key
                 refused.infer_response.id = request_id
                 out.put_nowait(refused.SerializeToString())
@@ -357,9 +358,9 @@ class GrpcEdge:
                 name = answer.infer_response.model_name
                 answer.infer_response.model_name = names.get(name, name)
                 if answer.error_message:
-                    answer.error_message = rename_text(answer.error_message, names)
+                    answer.error_message = public(rename_text(answer.error_message, names))
                 out.put_nowait(answer.SerializeToString())
         except grpc.aio.AioRpcError as exc:
             if exc.code() is not grpc.StatusCode.CANCELLED:
-                out.put_nowait(TritonRpcError(exc.code(), rename_text(exc.details() or exc.code().name, names)))
+                out.put_nowait(TritonRpcError(exc.code(), public(rename_text(exc.details() or exc.code().name, names))))
         out.put_nowait(None)

@@ -1,5 +1,10 @@
 """The SageMaker multi-model container API, so the image runs as a bring-your-own container behind SageMaker.
 
+Off unless `--container-api`: it loads models from local paths, so it is served only where asked for, only
+to `manage` keys (see `gateway.api.guard`), and only from under `--container-api-root` (SageMaker's
+`/opt/ml/models`). Registered names are their own namespace: `/models/{name}/invoke` reaches them, while
+KServe and the runtime API always mean the store's key; a name that is a store key is refused with 409.
+
 `GET /ping`; `POST /models {"model_name", "url"}` (200; 409 already loaded; 404 no such url; 507 no memory;
 422 unusable artifact); `GET /models?next_page_token=&max_results=` (registered models, then the store
 models the gateway knows, each with its state; `page_size` is accepted for `max_results`);
@@ -15,6 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +32,10 @@ from gateway.api.sagemaker_runtime import CUSTOM_ATTRIBUTES_HEADER, Invoker
 from gateway.api.views import describe
 from gateway.dataplane import DataPlane
 from gateway.errors import InvalidRequest, ModelNotFound
+from gateway.extract import ExtractLimits
 from gateway.manager import ModelManager
 from gateway.records import ModelRecord, State
+from gateway.store.path import PathSource, resolve_under
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +43,38 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
 
+@dataclass(frozen=True)
+class ContainerApi:
+    """Where the container API may load from, and the caps a registered directory is packed under."""
+
+    root: Path
+    limits: ExtractLimits
+
+
 def routes(dp: DataPlane, manager: ModelManager, invoker: Invoker, store_url: str,
-           ready: Callable[[], bool]) -> list[Route]:
+           ready: Callable[[], bool], container: ContainerApi | None) -> list[Route]:
     async def ping(request: Request) -> Response:
         healthy = ready()
         return JSONResponse({"status": "Healthy" if healthy else "Unhealthy"}, status_code=200 if healthy else 503)
 
+    async def off(request: Request) -> Response:
+        raise ModelNotFound("the SageMaker container API (/models) is off on this gateway; it is served with "
+                            "--container-api")
+
+    if container is None:
+        return [Route("/ping", ping, methods=["GET"]),
+                Route("/models", off, methods=["GET", "POST"]),
+                Route("/models/{name:path}", off, methods=["GET", "POST", "DELETE"])]
+
     # -- the multi-model container API --
 
     def model_url(rec: ModelRecord, registered: bool) -> str | None:
-        """The `url` a registered model was loaded from; the store object's URL for the store's models."""
+        """The `url` a registered model was loaded from (as the caller gave it); the store key's URL else."""
         if registered:
-            path = getattr(rec.source, "path", None)
-            return None if path is None else str(path)
+            return urls.get(rec.name)
         return f"{store_url.rstrip('/')}/{rec.model.key}"
+
+    urls: dict[str, str] = {}  # Triton name -> the url its registration named
 
     def entry(name: str, rec: ModelRecord, registered: bool, now: float) -> dict[str, Any]:
         details = {k: v for k, v in describe(rec, now).items() if k != "modelName"}
@@ -102,11 +128,10 @@ def routes(dp: DataPlane, manager: ModelManager, invoker: Invoker, store_url: st
             raise InvalidRequest("model_name is missing or not a string")
         if not isinstance(url, str) or not url:
             raise InvalidRequest("url is missing or not a string")
-        path = Path(url.removeprefix("file://"))
-        if not path.exists():
-            raise ModelNotFound(f"model {name!r}: {url} does not exist")
-        rec = await manager.register(name, path)
-        log.info("sagemaker.model_registered", extra={"model": name, "url": url})
+        path = resolve_under(container.root, url, name)
+        rec = await manager.register(name, PathSource(path, container.limits))
+        urls[rec.name] = url
+        log.info("sagemaker.model_registered", extra={"model": name, "url": url, "path": str(path)})
         return JSONResponse(entry(name, rec, True, time.monotonic()))
 
     async def get_model(request: Request) -> Response:
@@ -118,8 +143,10 @@ def routes(dp: DataPlane, manager: ModelManager, invoker: Invoker, store_url: st
 
     async def delete_model(request: Request) -> Response:
         name = request.path_params["name"]
-        if name in manager.registered():
+        registered = manager.registered().get(name)
+        if registered is not None:
             await manager.deregister(name)
+            urls.pop(registered.name, None)
             return JSONResponse({"modelName": name, "status": "unloaded"})
         found = lookup(name)
         if found is None or found[0].state is not State.READY:
@@ -130,10 +157,11 @@ def routes(dp: DataPlane, manager: ModelManager, invoker: Invoker, store_url: st
     async def invoke_model(request: Request) -> Response:
         """The container API's invoke: registered names only; errors keep the gateway's statuses."""
         name = request.path_params["name"]
-        if name not in manager.registered():
+        model = manager.registered_model(name)
+        if model is None:
             raise ModelNotFound(f"model {name!r} is not loaded")
         custom = request.headers.get(CUSTOM_ATTRIBUTES_HEADER)
-        answer = await invoker.invoke(name, await request.body(), request.headers, "sagemaker_container")
+        answer = await invoker.invoke(name, await request.body(), request.headers, "sagemaker_container", model)
         headers = {CUSTOM_ATTRIBUTES_HEADER: custom} if custom is not None and answer.status < 400 else None
         return Response(answer.body, status_code=answer.status, headers=headers, media_type=answer.content_type)
 

@@ -73,6 +73,8 @@ from gateway.errors import (
     Throttled,
     TritonUnavailable,
 )
+from gateway.naming import ModelKey
+from gateway.redact import public
 from gateway.triton.http import Forwarded
 
 log = logging.getLogger(__name__)
@@ -135,11 +137,12 @@ def model_error(key: str, status: int, body: bytes) -> SageMakerError:
 
 
 def error_body(err: SageMakerError) -> dict[str, Any]:
-    body: dict[str, Any] = {"__type": err.code, "Message": err.message}
+    message = public(err.message)
+    body: dict[str, Any] = {"__type": err.code, "Message": message}
     if err.original_status is not None:
         body["OriginalStatusCode"] = err.original_status
-        body["OriginalMessage"] = err.original_message
-    body.update({"code": err.gateway_code, "error": err.message})  # the gateway's own shape, for plain HTTP
+        body["OriginalMessage"] = public(err.original_message or "")
+    body.update({"code": err.gateway_code, "error": message})  # the gateway's own shape, for plain HTTP
     return body
 
 
@@ -240,8 +243,10 @@ class Invoker:
     def __init__(self, dp: DataPlane) -> None:
         self.dp = dp
 
-    async def invoke(self, key: str, body: bytes, request_headers: Mapping[str, str], protocol: str) -> Answer:
-        """Triton's answer for `key`; a status >= 400 is the model's own error (the caller shapes it)."""
+    async def invoke(self, key: str, body: bytes, request_headers: Mapping[str, str], protocol: str,
+                     registered: ModelKey | None = None) -> Answer:
+        """Triton's answer for `key` (the store's, or the container API's `registered` model of that name); a
+        status >= 400 is the model's own error (the caller shapes it)."""
         try:
             form, headers = request_form(request_headers.get("content-type"))
             wanted = answer_form(request_headers.get("accept"), form)
@@ -256,7 +261,7 @@ class Invoker:
         except GatewayError as exc:
             self.dp.metrics.count_request(protocol, exc.status)
             raise
-        async with self.dp.serving(key, protocol) as (rec, outcome):
+        async with self.dp.serving(registered or key, protocol) as (rec, outcome):
             if form == "csv":
                 metadata = await self.dp.metadata_json(rec)
                 if isinstance(metadata, Forwarded):
@@ -313,7 +318,7 @@ def routes(invoker: Invoker) -> list[Route]:
             return runtime_response(runtime_error(exc, key), request_id, custom)
         except Exception as exc:  # never a bare 500 page: botocore would not know what it was
             log.exception("sagemaker.unhandled", extra={"model": key})
-            message = f"internal error: {type(exc).__name__}: {exc}"
+            message = f"internal gateway error ({type(exc).__name__}); the gateway's log has the details"
             err = SageMakerError("InternalFailure", 500, message, "InternalError")
             return runtime_response(err, request_id, custom)
         if answer.status >= 400:

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from gateway.records import ModelRecord
+from gateway.redact import public
 
 
 def describe(rec: ModelRecord, now: float | None = None) -> dict[str, Any]:
@@ -24,5 +25,5 @@ def describe(rec: ModelRecord, now: float | None = None) -> dict[str, Any]:
         "idleSeconds": round(now - rec.last_used, 3) if rec.last_used else None,
         "downloadSeconds": rec.download_s,
         "loadSeconds": rec.load_s,
-        "error": rec.error.message if rec.error else None,
+        "error": public(rec.error.message) if rec.error else None,
     }

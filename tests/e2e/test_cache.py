@@ -28,7 +28,8 @@ CACHE_CITIES = [f"Cache{i:02d}_ZZ" for i in range(10)]
 
 
 def _gateway(s3_endpoint: str, work: Path, *extra: str) -> GatewayProcess:
-    return GatewayProcess(["--store", f"s3://{BUCKET}/{PREFIX}", "--s3-endpoint-url", s3_endpoint, *extra],
+    return GatewayProcess(["--store", f"s3://{BUCKET}/{PREFIX}", "--s3-endpoint-url", s3_endpoint,
+                           "--container-api", *extra],  # GET /models shows each model's state and footprint
                           work, env=S3_ENV)
 
 

@@ -30,7 +30,8 @@ MEMORY_REASONS = ("memory_pressure", "device_memory", "measured_over_budget", "g
 
 
 def _gateway(s3_endpoint: str, work: Path, *extra: str) -> GatewayProcess:
-    return GatewayProcess(["--store", f"s3://{BUCKET}/{PREFIX}", "--s3-endpoint-url", s3_endpoint, *extra],
+    return GatewayProcess(["--store", f"s3://{BUCKET}/{PREFIX}", "--s3-endpoint-url", s3_endpoint,
+                           "--container-api", *extra],  # GET /models shows each model's state and footprint
                           work, env=S3_ENV).wait_ready()
 
 

@@ -30,6 +30,7 @@ from gateway.errors import (
     Throttled,
     TritonUnavailable,
 )
+from gateway.redact import public
 from tests.helpers import GatewayProcess, http, tar_gz, v2_request
 
 HOUSES = [[1994.0, 3188.0, 5.0, 1.5, 1.62, 3.0], [1978.0, 2973.0, 2.0, 1.5, 0.99, 1.0]]
@@ -236,7 +237,7 @@ def test_botocore_raises_the_named_exception_for_every_gateway_error(exc, code, 
         client.invoke_endpoint(EndpointName="e", TargetModel="x.tar.gz", Body=b"{}")
     error = raised.value.response
     assert error["Error"]["Code"] == code and error["ResponseMetadata"]["HTTPStatusCode"] == status
-    assert exc.message in error["Error"]["Message"] and error["ResponseMetadata"]["RequestId"] == "req-1"
+    assert public(exc.message) in error["Error"]["Message"] and error["ResponseMetadata"]["RequestId"] == "req-1"
     modeled = getattr(client.exceptions, code, None)
     if code != "ThrottlingException":  # not modelled for this service; SDK retry logic keys on the code
         assert modeled is not None and isinstance(raised.value, modeled)
@@ -265,8 +266,8 @@ def test_ping(s3_gateway: GatewayProcess) -> None:
     assert status == 200 and json.loads(body)["status"] == "Healthy"
 
 
-def test_container_api_register_invoke_get_delete(s3_gateway: GatewayProcess, tmp_path: Path) -> None:
-    url = str(_model_dir(tmp_path, "Denver_CO"))
+def test_container_api_register_invoke_get_delete(s3_gateway: GatewayProcess, model_root: Path) -> None:
+    url = str(_model_dir(model_root, "Denver_CO"))
     status, answer = _register(s3_gateway, "sm-denver", url)
     assert status == 200, answer
     assert answer["modelName"] == "sm-denver" and answer["modelUrl"] == url and answer["state"] == "ready"
@@ -299,14 +300,15 @@ def test_container_api_register_invoke_get_delete(s3_gateway: GatewayProcess, tm
     assert http("DELETE", f"{s3_gateway.url}/models/sm-denver")[0] == 404
 
 
-def test_container_api_refusals(s3_gateway: GatewayProcess, tmp_path: Path) -> None:
-    status, answer = _register(s3_gateway, "sm-missing", str(tmp_path / "nowhere" / "model"))
-    assert status == 404 and "nowhere" in answer["error"]
+def test_container_api_refusals(s3_gateway: GatewayProcess, model_root: Path) -> None:
+    status, answer = _register(s3_gateway, "sm-missing", str(model_root / "nowhere" / "model"))
+    assert status == 404 and "sm-missing" in answer["error"] and str(model_root) not in answer["error"]
     assert http("GET", f"{s3_gateway.url}/models/sm-missing")[0] == 404
-    (tmp_path / "junk").mkdir()
-    (tmp_path / "junk" / "README.txt").write_text("no model here")
-    status, answer = _register(s3_gateway, "sm-junk", str(tmp_path / "junk"))
+    (model_root / "junk").mkdir()
+    (model_root / "junk" / "README.txt").write_text("no model here")
+    status, answer = _register(s3_gateway, "sm-junk", str(model_root / "junk"))
     assert status == 422 and "sm-junk" in answer["error"]
+    assert "README.txt" not in answer["error"] and str(model_root) not in answer["error"]  # no listing
     status, body, _ = http("POST", f"{s3_gateway.url}/models", b"{not json", {"Content-Type": "application/json"})
     assert status == 400
     status, body, _ = http("POST", f"{s3_gateway.url}/models", b'{"model_name": "x"}')
@@ -315,8 +317,9 @@ def test_container_api_refusals(s3_gateway: GatewayProcess, tmp_path: Path) -> N
     assert http("GET", f"{s3_gateway.url}/models?next_page_token=garbage")[0] == 400
 
 
-def test_list_models_pages_through_registered_and_store_models(s3_gateway: GatewayProcess, tmp_path: Path) -> None:
-    url = str(_model_dir(tmp_path, "Boston_MA"))
+def test_list_models_pages_through_registered_and_store_models(s3_gateway: GatewayProcess,
+                                                               model_root: Path) -> None:
+    url = str(_model_dir(model_root, "Boston_MA"))
     assert _register(s3_gateway, "sm-page", url)[0] == 200
     assert http("POST", f"{s3_gateway.url}/invocations", CSV,
                 {"X-Amzn-SageMaker-Target-Model": "Houston_TX.tar.gz", "Content-Type": "text/csv"})[0] == 200
