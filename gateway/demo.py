@@ -1,8 +1,11 @@
 """The demo store: one house-price model per city, as in AWS's blog post on SageMaker multi-model endpoints.
 
-Each city's model is a linear regression fitted with numpy on synthetic houses whose prices follow
-city-specific rules, exported as a one-node-pair ONNX graph (MatMul + Add). Features, in order:
-year built, square feet, bedrooms, bathrooms, lot size (acres), garage spaces.
+Most cities' models are linear regressions fitted with numpy on synthetic houses whose prices follow
+city-specific rules, exported as a one-node-pair ONNX graph (MatMul + Add); a few are gradient-boosted trees
+(XGBoost, LightGBM) fitted on the same kind of data and stored bare (`xgboost.json`, `model.txt`), so the
+demo shows more than one framework. Features, in order: year built, square feet, bedrooms, bathrooms, lot
+size (acres), garage spaces. ONNX cities take them as `features` and answer `price`; tree cities, as every
+tree model the gateway renders, take `input__0` and answer `output__0`.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from onnx import TensorProto, helper, numpy_helper
 FEATURES = ("year_built", "square_feet", "bedrooms", "bathrooms", "lot_acres", "garage_spaces")
 INPUT_NAME = "features"
 OUTPUT_NAME = "price"
+TREE_CITIES = {"Portland_OR": "xgboost", "Nashville_TN": "lightgbm"}  # city -> framework
 DEMO_CITIES = (
     "Chicago_IL", "Houston_TX", "LosAngeles_CA", "Seattle_WA", "Miami_FL",
-    "Denver_CO", "Boston_MA", "Atlanta_GA", "Phoenix_AZ", "Austin_TX",
+    "Denver_CO", "Boston_MA", "Atlanta_GA", "Phoenix_AZ", "Austin_TX", *TREE_CITIES,
 )
 LATE_CITY = "NewYork_NY"  # not in the initial store: the README adds it while the gateway runs
 
@@ -75,15 +79,40 @@ def predict(city: str, houses: np.ndarray) -> np.ndarray:
     return (houses.astype(np.float32) @ weights.astype(np.float32).reshape(-1, 1)) + np.float32(intercept)
 
 
+def tree_model_files(city: str, framework: str, rounds: int = 20) -> dict[str, bytes]:
+    """The city's houses fitted with gradient-boosted trees: {file name: bytes} of a bare artifact."""
+    x, y = synthetic_houses(city)
+    if framework == "xgboost":
+        import xgboost
+
+        booster = xgboost.train({"max_depth": 4, "eta": 0.3, "nthread": 1}, xgboost.DMatrix(x, y),
+                                num_boost_round=rounds)
+        return {"xgboost.json": bytes(booster.save_raw("json"))}
+    if framework == "lightgbm":
+        import lightgbm
+
+        booster = lightgbm.train({"objective": "regression", "num_leaves": 15, "num_threads": 1, "verbose": -1,
+                                  "deterministic": True}, lightgbm.Dataset(x, y), num_boost_round=rounds)
+        return {"model.txt": booster.model_to_string().encode()}
+    raise ValueError(f"no demo tree model for framework {framework!r}")
+
+
+def artifact_files(city: str) -> dict[str, bytes]:
+    """What the city's artifact holds: its tree model for a tree city, else its ONNX graph."""
+    if city in TREE_CITIES:
+        return tree_model_files(city, TREE_CITIES[city])
+    return {"model.onnx": onnx_model(city).SerializeToString()}
+
+
 def write_artifact(city: str, dest: Path) -> Path:
-    """`dest` becomes a .tar.gz holding the city's bare `model.onnx`."""
-    data = onnx_model(city).SerializeToString()
+    """`dest` becomes a .tar.gz holding the city's bare model file."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     with tarfile.open(tmp, "w:gz") as tar:
-        info = tarfile.TarInfo("model.onnx")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+        for name, data in artifact_files(city).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     tmp.replace(dest)  # atomic: a running gateway never sees half an artifact
     return dest
 

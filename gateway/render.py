@@ -259,7 +259,7 @@ def _render_bare(fmt: Format, model_file: str, name: str, version: Path, key: st
 def _no_model(key: str) -> InvalidArtifact:
     return InvalidArtifact(
         f"artifact {key!r} holds no model this gateway recognises: expected one of {expected_files()} (or a "
-        f"config.pbtxt naming a backend); see the README's Artifacts section"
+        f"config.pbtxt naming a backend)"
     )
 
 

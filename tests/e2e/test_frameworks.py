@@ -22,6 +22,7 @@ import tritonclient.grpc as grpcclient
 import xgboost
 from sklearn.ensemble import RandomForestRegressor
 
+from gateway.demo import TREE_CITIES, build_store, synthetic_houses, tree_model_files
 from tests.conftest import BUCKET, PREFIX
 from tests.helpers import GatewayProcess, http, tar_gz
 
@@ -183,9 +184,11 @@ def test_a_pickle_is_refused_with_a_clear_422(s3_gateway: GatewayProcess, traine
 
 @pytest.fixture(scope="module")
 def pickle_gateway(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    """A gateway whose operator allows pickles, on a local store holding the pickled forest."""
+    """A gateway whose operator allows pickles, on a local store holding the pickled forest and the demo
+    store's tree cities (as `make run` builds them)."""
     store = tmp_path_factory.mktemp("pickle-store")
     (store / "rf.tar.gz").write_bytes(tar_gz({"model.joblib": _joblib_bytes(trained.rf)}))
+    build_store(store, tuple(TREE_CITIES))
     gw = GatewayProcess(["--store", str(store), "--allow-pickle"], tmp_path_factory.mktemp("pickle-gateway"))
     try:
         yield gw.wait_ready()
@@ -208,3 +211,21 @@ def test_a_pickle_is_served_when_the_operator_allows_it(pickle_gateway: GatewayP
     staged = list((pickle_gateway.cache_dir / "repo").glob("*/1/*"))
     assert any(p.name == "model.onnx" for p in staged) and not any(p.suffix in (".joblib", ".pkl") for p in staged)
 
+
+
+@pytest.mark.parametrize("city", sorted(TREE_CITIES))
+def test_the_demo_stores_tree_cities_answer_house_prices(pickle_gateway: GatewayProcess, city: str) -> None:
+    houses, prices = synthetic_houses(city, 50)
+    rows = houses.astype(np.float32)
+    status, answer = _kserve_http(pickle_gateway, f"{city}.tar.gz", rows)
+    assert status == 200, answer
+    got = _only_output(answer).ravel()
+    ((name, data),) = tree_model_files(city, TREE_CITIES[city]).items()
+    if name == "xgboost.json":
+        booster = xgboost.Booster()
+        booster.load_model(bytearray(data))
+        expected = booster.predict(xgboost.DMatrix(rows))
+    else:
+        expected = lightgbm.Booster(model_str=data.decode()).predict(rows)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
+    assert np.corrcoef(got, prices)[0, 1] > 0.9  # a house-price model, not noise
