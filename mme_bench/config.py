@@ -80,17 +80,20 @@ class LauncherConfig:
 
 @dataclass(frozen=True)
 class SyntheticModelsConfig:
-    """N generated ONNX models; model i gets sizes_bytes[i % len(sizes_bytes)] as its artifact size."""
+    """N generated models; model i gets sizes_bytes[i % len(sizes_bytes)] as its artifact size."""
 
     count: int = 10
     sizes_bytes: tuple[int, ...] = (100_000,)
     prefix: str = "synthetic-"
     dir: str | None = None  # default: <out>/store; must be the target's store when targets have URLs
     seed: int = 0
+    frameworks: tuple[str, ...] = ("onnx",)  # model i is frameworks[i % len]: onnx, xgboost or lightgbm
 
     def __post_init__(self) -> None:
         if self.count <= 0:
             raise BenchConfigError("models.synthetic.count: must be positive")
+        if not self.frameworks or set(self.frameworks) - {"onnx", "xgboost", "lightgbm"}:
+            raise BenchConfigError("models.synthetic.frameworks: give one or more of onnx, xgboost, lightgbm")
         if not self.sizes_bytes or any(s < 1024 for s in self.sizes_bytes):
             raise BenchConfigError("models.synthetic.sizes_bytes: give at least one size, each >= 1024 bytes")
 

@@ -1,11 +1,15 @@
 """The model set a benchmark spreads its invocations over: listed from the store, named in the config, or
-generated for the run as ONNX artifacts of chosen sizes.
+generated for the run as artifacts of chosen sizes (ONNX, or XGBoost and LightGBM city models).
 
 Synthetic models are the demo's house-price graph (same input `features` [n, 6], same output `price`)
 with one extra weight matrix P [6, K] on a branch that is multiplied by zero before it joins the output:
 the answer is still the demo's price, but the artifact (and the model in memory) is as large as asked,
 so download, load and memory pressure scale with size as they would for a real model. P is random, so
 it does not compress and the .tar.gz is about the requested size.
+
+Synthetic tree models are the demo's tree cities (gateway.demo.tree_model_files: the same houses, fitted by
+XGBoost or LightGBM) with as many boosting rounds as make about the requested size; they take `input__0`
+and answer `output__0`, so a benchmark mixing frameworks sends CSV (which needs no input name).
 """
 
 from __future__ import annotations
@@ -89,17 +93,52 @@ def synthetic_artifact(name: str, size_bytes: int, seed: int) -> bytes:
     return data
 
 
+TREE_SIZE_TOLERANCE = 0.5  # boosting rounds come in steps; a tree artifact within 50% is kept
+_MAX_ROUNDS = 5000
+
+
+def _tar_files(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def synthetic_tree_artifact(name: str, framework: str, size_bytes: int) -> bytes:
+    """A bare XGBoost or LightGBM house-price model for `name`, of about `size_bytes` compressed."""
+    from gateway.demo import tree_model_files
+
+    rounds, data = 10, _tar_files(tree_model_files(name, framework, rounds=10))
+    for _ in range(2):  # later rounds are smaller than the first ten (the residuals shrink): correct twice
+        if abs(len(data) - size_bytes) <= SIZE_TOLERANCE * size_bytes:
+            break
+        rounds = min(_MAX_ROUNDS, max(1, round(rounds * size_bytes / len(data))))
+        data = _tar_files(tree_model_files(name, framework, rounds=rounds))
+    return data
+
+
+def _make(name: str, framework: str, size_bytes: int, seed: int) -> bytes:
+    if framework == "onnx":
+        return synthetic_artifact(name, size_bytes, seed)
+    return synthetic_tree_artifact(name, framework, size_bytes)
+
+
 def build_synthetic_store(root: Path, cfg: SyntheticModelsConfig) -> list[ModelInfo]:
     """Write cfg.count artifacts into `root` (an existing one of about the right size is kept)."""
     root.mkdir(parents=True, exist_ok=True)
     models = []
     for i in range(cfg.count):
         want = cfg.sizes_bytes[i % len(cfg.sizes_bytes)]
+        framework = cfg.frameworks[i % len(cfg.frameworks)]
+        tolerance = SIZE_TOLERANCE if framework == "onnx" else TREE_SIZE_TOLERANCE
         key = f"{cfg.prefix}{i:04d}.tar.gz"
         path = root / key
-        if not (path.exists() and abs(path.stat().st_size - want) <= SIZE_TOLERANCE * want):
+        if not (path.exists() and abs(path.stat().st_size - want) <= tolerance * want):
             tmp = path.with_name(f".{key}.tmp")
-            tmp.write_bytes(synthetic_artifact(f"{cfg.prefix}{i:04d}", want, cfg.seed + i))
+            tmp.write_bytes(_make(f"{cfg.prefix}{i:04d}", framework, want, cfg.seed + i))
             tmp.replace(path)  # atomic: a gateway reading the store never sees half an artifact
         models.append(ModelInfo(key, path.stat().st_size, want))
     log.info("bench.synthetic_models", extra={"dir": str(root), "count": len(models),
