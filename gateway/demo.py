@@ -91,9 +91,9 @@ def tree_model_files(city: str, framework: str, rounds: int = 20) -> dict[str, b
     if framework == "lightgbm":
         import lightgbm
 
-        booster = lightgbm.train({"objective": "regression", "num_leaves": 15, "num_threads": 1, "verbose": -1,
-                                  "deterministic": True}, lightgbm.Dataset(x, y), num_boost_round=rounds)
-        return {"model.txt": booster.model_to_string().encode()}
+        trees = lightgbm.train({"objective": "regression", "num_leaves": 15, "num_threads": 1, "verbose": -1,
+                                "deterministic": True}, lightgbm.Dataset(x, y), num_boost_round=rounds)
+        return {"model.txt": trees.model_to_string().encode()}
     raise ValueError(f"no demo tree model for framework {framework!r}")
 
 

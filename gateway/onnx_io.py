@@ -14,7 +14,7 @@ import onnx
 from gateway.errors import InvalidArtifact
 
 # ONNX TensorProto element types -> Triton data types.
-_ONNX_TO_TRITON = {
+_ONNX_TO_TRITON: dict[int, str] = {
     onnx.TensorProto.FLOAT: "TYPE_FP32",
     onnx.TensorProto.DOUBLE: "TYPE_FP64",
     onnx.TensorProto.FLOAT16: "TYPE_FP16",
