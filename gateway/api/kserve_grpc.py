@@ -52,9 +52,14 @@ _HIDDEN_EXTENSIONS = {"system_shared_memory", "cuda_shared_memory", "trace", "lo
 
 _GRPC_FOR_HTTP = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
     409: grpc.StatusCode.ALREADY_EXISTS,
     422: grpc.StatusCode.FAILED_PRECONDITION,  # the artifact is unusable until it is replaced in the store
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,  # what grpc itself answers for a message over the size limit
+    415: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     502: grpc.StatusCode.UNAVAILABLE,
     503: grpc.StatusCode.UNAVAILABLE,

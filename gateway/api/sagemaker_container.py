@@ -72,7 +72,7 @@ def routes(dp: DataPlane, manager: ModelManager, invoker: Invoker, store_url: st
         """The `url` a registered model was loaded from (as the caller gave it); the store key's URL else."""
         if registered:
             return urls.get(rec.name)
-        return f"{store_url.rstrip('/')}/{rec.model.key}"
+        return f"{store_url.split('@', 1)[0].rstrip('/')}/{rec.model.key}"  # not the S3 endpoint's address
 
     urls: dict[str, str] = {}  # Triton name -> the url its registration named
 

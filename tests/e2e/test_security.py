@@ -1,0 +1,281 @@
+"""Who may call what: API keys with scopes on every HTTP route and gRPC call, SigV4 for boto3, key rotation,
+read timeouts, and a gateway that will not listen beyond loopback with nobody checked.
+
+One gateway with keys (an `invoke` key, a `manage` key, a key file it re-reads) and SigV4 credentials, on a
+local store of demo models and a container-API root; every call is a real client's.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import boto3
+import botocore.exceptions
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from gateway.demo import onnx_model, predict
+from gateway.keys import key_line, new_key
+from tests.helpers import REPO_ROOT, GatewayProcess, city_artifact, http, v2_request
+
+MODEL = "Houston_TX.tar.gz"
+HOUSE = [1994.0, 3188.0, 5.0, 1.5, 1.62, 3.0]
+ACCESS_KEY, SECRET = "AKIDGATEWAYTEST", "gateway-test-secret"
+INVOKE_KEY, MANAGE_KEY, ROTATED_KEY = new_key(), new_key(), new_key()
+
+
+@pytest.fixture(scope="module")
+def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "keys.txt"
+    path.write_text(f"# clients\n{key_line('app', ('invoke',), INVOKE_KEY)}\n{key_line('ops', ('invoke', 'manage'), MANAGE_KEY)}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models-root")
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory, keys_file: Path, root: Path) -> Iterator[GatewayProcess]:
+    store = tmp_path_factory.mktemp("secure-store")
+    for city in ("Houston_TX", "Boston_MA"):
+        (store / f"{city}.tar.gz").write_bytes(city_artifact(city))
+    gateway = GatewayProcess(
+        ["--store", str(store), "--api-keys-file", str(keys_file), "--sigv4-access-key-id", ACCESS_KEY,
+         "--container-api", "--container-api-root", str(root), "--header-timeout", "1", "--body-timeout", "1"],
+        tmp_path_factory.mktemp("secure-gateway"), env={"MME_SIGV4_SECRET_ACCESS_KEY": SECRET})
+    try:
+        yield gateway.wait_ready()
+    finally:
+        gateway.stop()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def infer(gw: GatewayProcess, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    status, body, _ = http("POST", f"{gw.url}/v2/models/{MODEL}/infer", v2_request([HOUSE]), headers)
+    return status, body
+
+
+def grpc_features() -> list[grpcclient.InferInput]:
+    tensor = grpcclient.InferInput("features", [1, 6], "FP32")
+    tensor.set_data_from_numpy(np.array([HOUSE], dtype=np.float32))
+    return [tensor]
+
+
+def test_anonymous_and_wrong_keys_are_refused_on_every_http_route(gw: GatewayProcess) -> None:
+    routes = [
+        ("POST", f"/v2/models/{MODEL}/infer", v2_request([HOUSE])),
+        ("GET", f"/v2/models/{MODEL}", None), ("GET", f"/v2/models/{MODEL}/config", None), ("GET", "/v2", None),
+        ("POST", "/invocations", v2_request([HOUSE])), ("POST", "/endpoints/demo/invocations", v2_request([HOUSE])),
+        ("POST", "/v2/repository/index", b"{}"), ("POST", f"/v2/repository/models/{MODEL}/load", None),
+        ("POST", f"/v2/repository/models/{MODEL}/unload", None),
+        ("GET", "/models", None), ("POST", "/models", b'{"model_name": "x", "url": "x"}'),
+        ("DELETE", f"/models/{MODEL}", None), ("GET", "/nowhere", None),
+    ]
+    for method, path, body in routes:
+        for headers in ({}, bearer("mme_not-a-key"), {"Authorization": "Basic dXNlcjpwYXNz"}):
+            status, answer, got = http(method, gw.url + path, body, headers)
+            assert status == 401, (method, path, headers, status, answer)
+            if not path.endswith("invocations"):
+                assert got.get("www-authenticate", got.get("WWW-Authenticate", "")).startswith("Bearer")
+    for path in ("/v2/health/live", "/v2/health/ready", "/ping", "/metrics"):
+        assert http("GET", gw.url + path)[0] == 200, path  # health stays open; metrics unless --metrics-auth
+
+
+def test_an_anonymous_delete_cannot_unload_another_client_s_model(gw: GatewayProcess) -> None:
+    assert infer(gw, bearer(INVOKE_KEY))[0] == 200
+    assert http("DELETE", f"{gw.url}/models/{MODEL}")[0] == 401
+    assert http("POST", f"{gw.url}/v2/repository/models/{MODEL}/unload")[0] == 401
+    status, body, _ = http("POST", f"{gw.url}/v2/repository/index", b"{}", bearer(MANAGE_KEY))
+    assert status == 200 and {"name": MODEL, "version": "1", "state": "READY", "reason": ""} in json.loads(body)
+
+
+def test_the_invoke_scope_calls_models_and_only_manage_changes_what_is_loaded(gw: GatewayProcess) -> None:
+    status, body = infer(gw, bearer(INVOKE_KEY))
+    assert status == 200
+    np.testing.assert_allclose(json.loads(body)["outputs"][0]["data"], predict("Houston_TX", np.array([HOUSE])).ravel(),
+                               rtol=1e-4)
+    for method, path in (("POST", f"/v2/repository/models/{MODEL}/unload"), ("POST", "/v2/repository/index"),
+                         ("GET", "/models"), ("DELETE", f"/models/{MODEL}")):
+        status, answer, _ = http(method, gw.url + path, b"{}" if method == "POST" else None, bearer(INVOKE_KEY))
+        assert status == 403 and "'manage'" in json.loads(answer)["error"], (path, answer)
+    assert http("POST", f"{gw.url}/v2/repository/models/{MODEL}/unload", None, bearer(MANAGE_KEY))[0] == 200
+    status, body, _ = http("POST", f"{gw.url}/v2/repository/index", b"{}", bearer(MANAGE_KEY))
+    assert next(row for row in json.loads(body) if row["name"] == MODEL)["state"] == "UNAVAILABLE"
+    assert infer(gw, bearer(INVOKE_KEY))[0] == 200  # loads again for a caller allowed to invoke
+
+
+def test_grpc_needs_a_key_in_metadata_and_manage_for_the_repository(gw: GatewayProcess) -> None:
+    client = grpcclient.InferenceServerClient(gw.grpc_url)
+    try:
+        assert client.is_server_live() and client.is_server_ready()  # health stays open
+        for headers, code in (({}, "UNAUTHENTICATED"), ({"authorization": "Bearer mme_wrong"}, "UNAUTHENTICATED")):
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer(MODEL, grpc_features(), headers=headers)
+            assert code in str(refused.value.status())
+        answer = client.infer(MODEL, grpc_features(), headers={"authorization": f"Bearer {INVOKE_KEY}"})
+        np.testing.assert_allclose(answer.as_numpy("price").ravel(),
+                                   predict("Houston_TX", np.array([HOUSE])).ravel(), rtol=1e-4)
+        for call in (lambda h: client.get_model_repository_index(headers=h),
+                     lambda h: client.unload_model(MODEL, headers=h), lambda h: client.load_model(MODEL, headers=h)):
+            with pytest.raises(InferenceServerException) as refused:
+                call({"authorization": f"Bearer {INVOKE_KEY}"})
+            assert "PERMISSION_DENIED" in str(refused.value.status())
+            with pytest.raises(InferenceServerException) as refused:
+                call({})
+            assert "UNAUTHENTICATED" in str(refused.value.status())
+        index = client.get_model_repository_index(headers={"authorization": f"Bearer {MANAGE_KEY}"}, as_json=True)
+        assert MODEL in {m["name"] for m in index["models"]}
+    finally:
+        client.close()
+
+
+def test_grpc_streams_are_refused_without_a_key(gw: GatewayProcess) -> None:
+    with grpc.insecure_channel(gw.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name=MODEL)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.ModelStreamInfer(iter([request]), timeout=30))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_boto3_sigv4_with_the_right_secret_is_served_and_a_wrong_one_gets_botocore_s_error(gw: GatewayProcess) -> None:
+    def runtime(access_key: str, secret: str):  # type: ignore[no-untyped-def]
+        from botocore.config import Config
+
+        return boto3.client("sagemaker-runtime", endpoint_url=gw.url, region_name="us-east-1",
+                            aws_access_key_id=access_key, aws_secret_access_key=secret,
+                            config=Config(retries={"max_attempts": 1}))
+
+    answer = runtime(ACCESS_KEY, SECRET).invoke_endpoint(EndpointName="demo", TargetModel=MODEL,
+                                                         ContentType="text/csv", Body="1994,3188,5,1.5,1.62,3")
+    price = float(answer["Body"].read().decode().strip())
+    assert price == pytest.approx(float(predict("Houston_TX", np.array([HOUSE])).ravel()[0]), rel=1e-4)
+    for access_key, secret, code in ((ACCESS_KEY, "wrong-secret", "InvalidSignatureException"),
+                                     ("AKIDSOMEONEELSE", SECRET, "UnrecognizedClientException")):
+        with pytest.raises(botocore.exceptions.ClientError) as refused:
+            runtime(access_key, secret).invoke_endpoint(EndpointName="demo", TargetModel=MODEL,
+                                                        ContentType="text/csv", Body="1994,3188,5,1.5,1.62,3")
+        error = refused.value.response
+        assert error["Error"]["Code"] == code and error["ResponseMetadata"]["HTTPStatusCode"] == 403
+    # a Bearer key works on the runtime routes too, for plain HTTP clients
+    status, _, _ = http("POST", f"{gw.url}/invocations", b"1994,3188,5,1.5,1.62,3",
+                        {"Content-Type": "text/csv", "X-Amzn-SageMaker-Target-Model": MODEL, **bearer(INVOKE_KEY)})
+    assert status == 200
+
+
+def test_keys_rotate_without_a_restart(gw: GatewayProcess, keys_file: Path) -> None:
+    assert infer(gw, bearer(ROTATED_KEY))[0] == 401
+    original = keys_file.read_text()
+    keys_file.write_text(original + key_line("app-2", ("invoke",), ROTATED_KEY) + "\n")
+    try:
+        deadline = time.monotonic() + 10
+        while infer(gw, bearer(ROTATED_KEY))[0] != 200:
+            assert time.monotonic() < deadline, "the new key was not picked up"
+            time.sleep(0.3)
+        assert infer(gw, bearer(INVOKE_KEY))[0] == 200  # both valid while clients move over
+        keys_file.write_text("\n".join(line for line in keys_file.read_text().splitlines()
+                                       if not line.startswith("app ")) + "\n")
+        deadline = time.monotonic() + 10
+        while infer(gw, bearer(INVOKE_KEY))[0] != 401:
+            assert time.monotonic() < deadline, "the removed key still works"
+            time.sleep(0.3)
+        assert infer(gw, bearer(ROTATED_KEY))[0] == 200
+    finally:
+        keys_file.write_text(original)
+        time.sleep(1.5)  # the file is looked at once a second
+
+
+def test_the_container_api_loads_only_from_under_its_root(gw: GatewayProcess, root: Path,
+                                                          tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "model.py").write_text("import os\nos.system('touch %s')\n" % (tmp_path / "ran"))
+    (outside / "config.pbtxt").write_text('backend: "python"\n')
+    (root / "escape").symlink_to(outside)
+    manage = {**bearer(MANAGE_KEY), "Content-Type": "application/json"}
+    for url in (str(outside), f"file://{outside}", "/etc", "/", f"{root}/../{outside.name}", "escape",
+                str(root / "escape"), str(root)):
+        status, body, _ = http("POST", f"{gw.url}/models", json.dumps({"model_name": "evil", "url": url}).encode(),
+                               manage)
+        assert status in (400, 404), (url, status, body)
+        error = json.loads(body)["error"]
+        assert str(outside) not in error and str(root) not in error and "passwd" not in error
+    assert not (tmp_path / "ran").exists()  # no code from outside the root ever ran
+    inside = root / "Boston"
+    inside.mkdir()
+    (inside / "model.onnx").write_bytes(onnx_model("Boston_MA").SerializeToString())
+    status, body, _ = http("POST", f"{gw.url}/models", json.dumps({"model_name": "boston", "url": "Boston"}).encode(),
+                           manage)
+    assert status == 200, body
+    try:
+        status, body, _ = http("POST", f"{gw.url}/models/boston/invoke", v2_request([HOUSE]), manage)
+        assert status == 200, body
+    finally:
+        http("DELETE", f"{gw.url}/models/boston", None, manage)
+
+
+def test_a_registered_name_never_changes_what_a_store_key_answers(gw: GatewayProcess, root: Path) -> None:
+    boston = root / "boston-for-houston"
+    boston.mkdir()
+    (boston / "model.onnx").write_bytes(onnx_model("Boston_MA").SerializeToString())
+    manage = {**bearer(MANAGE_KEY), "Content-Type": "application/json"}
+    status, body, _ = http("POST", f"{gw.url}/models",
+                           json.dumps({"model_name": MODEL, "url": "boston-for-houston"}).encode(), manage)
+    assert status == 409 and "store" in json.loads(body)["error"]
+    status, body, _ = http("POST", f"{gw.url}/models",
+                           json.dumps({"model_name": "Denver_CO.tar.gz", "url": "boston-for-houston"}).encode(), manage)
+    assert status == 200, body
+    try:  # registered, its name is not a store key for KServe or the runtime API: those still mean the store
+        status, body, _ = http("POST", f"{gw.url}/v2/models/Denver_CO.tar.gz/infer", v2_request([HOUSE]),
+                               bearer(INVOKE_KEY))
+        assert status == 404, body
+        expected = predict("Houston_TX", np.array([HOUSE])).ravel()
+        status, body = infer(gw, bearer(INVOKE_KEY))
+        np.testing.assert_allclose(json.loads(body)["outputs"][0]["data"], expected, rtol=1e-4)
+    finally:
+        http("DELETE", f"{gw.url}/models/Denver_CO.tar.gz", None, manage)
+
+
+def _slow_answer(gw: GatewayProcess, first: bytes) -> tuple[float, bytes]:
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as conn:
+        conn.sendall(first)
+        started = time.monotonic()
+        answer = conn.recv(4096)
+        return time.monotonic() - started, answer
+
+
+def test_slow_headers_and_a_stalled_body_are_cut_off(gw: GatewayProcess) -> None:
+    waited, answer = _slow_answer(gw, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # headers never finish
+    assert answer.startswith(b"HTTP/1.1 408") and waited < 10
+    waited, answer = _slow_answer(gw, b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n"
+                                      b"Authorization: Bearer %s\r\n\r\n{\"inputs\"" % (MODEL.encode(), INVOKE_KEY.encode()))
+    assert answer.startswith(b"HTTP/1.1 408") and waited < 10
+    assert infer(gw, bearer(INVOKE_KEY))[0] == 200  # and everyone else is served
+
+
+def test_no_keys_means_loopback_only_unless_told_insecure(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "gateway", "serve", "--store", str(tmp_path), "--cache-dir", str(tmp_path / "c"),
+               "--host", "0.0.0.0", "--port", "0", "--grpc-port", "0"]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "--insecure" in done.stderr and "--api-keys-file" in done.stderr
+    bad = tmp_path / "keys.txt"
+    bad.write_text(f"app invoke {INVOKE_KEY}\n")  # a key in clear is refused: files hold hashes only
+    done = subprocess.run([*command[:-6], "--api-keys-file", str(bad)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0 and "never in clear" in done.stderr and INVOKE_KEY not in done.stderr
