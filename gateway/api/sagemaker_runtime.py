@@ -73,7 +73,7 @@ from gateway.errors import (
     Throttled,
     TritonUnavailable,
 )
-from gateway.naming import ModelKey
+from gateway.naming import ModelKey, validate_key
 from gateway.redact import public
 from gateway.triton.http import Forwarded
 
@@ -308,11 +308,16 @@ def routes(invoker: Invoker) -> list[Route]:
         custom = request.headers.get(CUSTOM_ATTRIBUTES_HEADER)
         key = request.headers.get(TARGET_MODEL_HEADER)
         try:
-            if not key:
-                raise InvalidModelKey(
-                    "this is a multi-model endpoint: name the model with TargetModel (the "
-                    "X-Amzn-SageMaker-Target-Model header), a key relative to the store prefix"
-                )
+            try:
+                if not key:
+                    raise InvalidModelKey(
+                        "this is a multi-model endpoint: name the model with TargetModel (the "
+                        "X-Amzn-SageMaker-Target-Model header), a key relative to the store prefix"
+                    )
+                validate_key(key)  # before a byte of the body is read: a bad key costs nothing
+            except GatewayError as exc:
+                invoker.dp.metrics.count_request("sagemaker", exc.status)
+                raise
             answer = await invoker.invoke(key, await request.body(), request.headers, "sagemaker")
         except GatewayError as exc:
             return runtime_response(runtime_error(exc, key), request_id, custom)
