@@ -5,7 +5,7 @@ PORT ?= 8080
 DEMO ?= .demo
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test unit perf-analyzer demo-store bench bench-cache bench-overhead clean
+.PHONY: install run test unit perf-analyzer demo-store bench bench-cache bench-overhead bench-routing clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh scripts/install-perf-analyzer.sh
 	scripts/bootstrap.sh "$(PYTHON)" "$(VENV)"
@@ -37,6 +37,10 @@ bench-cache: $(STAMP)
 
 bench-overhead: $(STAMP)
 	$(VENV)/bin/python benchmarks/overhead.py
+
+# Three gateways behind routers (~4 minutes): LOR vs random under heavy-tailed latency, cold loads with and without affinity.
+bench-routing: $(STAMP)
+	$(VENV)/bin/python benchmarks/routing.py
 
 clean:
 	rm -rf $(DEMO) .mme-cache .pytest_cache
