@@ -38,6 +38,7 @@ def _shown(key: str) -> str:
     return repr(key if len(key) <= _SHOWN else key[:_SHOWN] + "...")
 
 
+@functools.lru_cache(maxsize=65536)  # every request validates its key; refusals raise and are not cached
 def validate_key(key: str) -> str:
     """Return `key` if it is a safe relative key under the store prefix, else raise InvalidModelKey.
 
