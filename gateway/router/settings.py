@@ -12,6 +12,7 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gateway.config import _setting, env_var, flag
@@ -52,6 +53,8 @@ class RouterSettings:
     upstream_api_key: str | None = _setting(
         None, "API key (manage scope) the router sends as a Bearer token for its own listings and /metrics "
         "reads; clients' own credentials are forwarded untouched")
+    upstream_api_key_file: Path | None = _setting(
+        None, "a file holding --upstream-api-key (a mounted secret); read at start")
     max_connections: int = _setting(256, "HTTP connections kept to each instance")
     log_level: str = _setting("info", "debug, info, warning or error")
 
@@ -90,6 +93,13 @@ def router_settings_from_args(args: argparse.Namespace) -> RouterSettings:
         values[name] = value
     if bool(values["instances"]) == bool(values["dns_name"]):
         raise SystemExit(f"give exactly one of {flag('instances')} and {flag('dns_name')}")
+    if values["upstream_api_key_file"] is not None:
+        if values["upstream_api_key"]:
+            raise SystemExit(f"give {flag('upstream_api_key')} or {flag('upstream_api_key_file')}, not both")
+        try:
+            values["upstream_api_key"] = values["upstream_api_key_file"].read_text().strip() or None
+        except OSError as exc:
+            raise SystemExit(f"{flag('upstream_api_key_file')}: {exc}") from None
     if values["unhealthy_after"] < 1:
         raise SystemExit(f"{flag('unhealthy_after')} must be at least 1")
     return RouterSettings(**values)

@@ -85,3 +85,13 @@ def test_settings_need_exactly_one_source_of_instances() -> None:
         router_settings_from_args(parse([]))
     with pytest.raises(SystemExit):
         router_settings_from_args(parse(["--instances", "a:1", "--dns-name", "gw"]))
+
+
+def test_the_upstream_key_from_a_mounted_secret(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    secret = tmp_path / "upstream-api-key"
+    secret.write_text("mme_abc123\n")
+    monkeypatch.delenv("MME_UPSTREAM_API_KEY", raising=False)
+    s = router_settings_from_args(parse(["--instances", "a:1", "--upstream-api-key-file", str(secret)]))
+    assert s.upstream_api_key == "mme_abc123"
+    with pytest.raises(SystemExit):
+        router_settings_from_args(parse(["--instances", "a:1", "--upstream-api-key-file", str(tmp_path / "none")]))
