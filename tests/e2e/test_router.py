@@ -361,3 +361,59 @@ def test_an_instance_killed_while_requests_flow(router: RouterProcess, gateways:
     for key in RETURN:
         assert infer(router.url, key)[0] == 200
     assert held(victim) & set(RETURN), "the returned instance takes no new models"
+
+
+# -- API keys on the gateways ---------------------------------------------------------------------------------
+
+
+def create_key(keys_file: Path, name: str, scopes: str) -> str:
+    made = subprocess.run([sys.executable, "-m", "gateway", "keys", "create", "--name", name, "--scopes", scopes,
+                           "--file", str(keys_file)], capture_output=True, text=True, timeout=60, check=True)
+    return made.stdout.split()[0]
+
+
+def test_clients_credentials_pass_through_and_the_router_lists_with_its_own_key(store: Path, tmp_path: Path) -> None:
+    """A gateway with API keys behind two routers: clients' keys (HTTP header, gRPC metadata) reach it
+    untouched, so a missing key is the gateway's 401; the router with a manage key learns placements from
+    listings, the one without says why it cannot."""
+    keys = tmp_path / "keys.txt"
+    ops, app = create_key(keys, "router", "invoke,manage"), create_key(keys, "app", "invoke")
+    gw = GatewayProcess(["--store", str(store), "--api-keys-file", str(keys)], tmp_path / "gw")
+    routers: list[RouterProcess] = []
+    try:
+        gw.wait_ready()
+        keyed = RouterProcess([gw], tmp_path / "keyed", ["--health-interval", "0.5", "--listing-interval", "0.5",
+                                                         "--upstream-api-key", ops])
+        anonymous = RouterProcess([gw], tmp_path / "anonymous", ["--health-interval", "0.5", "--listing-interval", "0.5"])
+        routers = [keyed, anonymous]
+        for r in routers:
+            r.wait_healthy()
+        key = "Houston_TX.tar.gz"
+        status, body, _ = http("POST", f"{keyed.url}/v2/models/{key}/infer", v2_request(HOUSES.tolist()),
+                               {"Authorization": f"Bearer {app}"})
+        assert status == 200, body
+        assert http("POST", f"{keyed.url}/v2/models/{key}/infer", v2_request(HOUSES.tolist()))[0] == 401
+        with grpcclient.InferenceServerClient(keyed.grpc_url) as client:
+            result = client.infer(key, grpc_inputs(HOUSES), headers={"authorization": f"Bearer {app}"})
+            np.testing.assert_allclose(result.as_numpy("price").ravel(), predict("Houston_TX", HOUSES).ravel(),
+                                       rtol=1e-4)
+            with pytest.raises(InferenceServerException) as err:
+                client.infer(key, grpc_inputs(HOUSES))
+            assert err.value.status() == "StatusCode.UNAUTHENTICATED"
+        # Each router learns from its own answers; only a listing tells it of the model the other one served.
+        status, body, _ = http("POST", f"{anonymous.url}/v2/models/Chicago_IL.tar.gz/infer",
+                               v2_request(HOUSES.tolist()), {"Authorization": f"Bearer {app}"})
+        assert status == 200, body
+
+        def known(r: RouterProcess) -> float:
+            return sum(r.samples("mme_router_instance_models").values())
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (known(keyed) < 2 or "router.listing_refused" not in anonymous.log_text()):
+            time.sleep(0.2)
+        assert known(keyed) == 2 and "router.listing_refused" not in keyed.log_text()
+        assert known(anonymous) == 1 and "router.listing_refused" in anonymous.log_text()
+    finally:
+        for r in routers:
+            r.stop()
+        gw.stop()
