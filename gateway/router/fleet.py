@@ -16,6 +16,11 @@ from gateway.router.discovery import Endpoint
 log = logging.getLogger(__name__)
 
 
+def _netloc(host: str, port: int) -> str:
+    """host:port, with an IPv6 address (DNS may answer one) in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(eq=False)
 class Instance:
     endpoint: Endpoint
@@ -31,11 +36,11 @@ class Instance:
 
     @property
     def http_base(self) -> str:
-        return f"http://{self.endpoint.host}:{self.endpoint.http_port}"
+        return f"http://{_netloc(self.endpoint.host, self.endpoint.http_port)}"
 
     @property
     def grpc_target(self) -> str:
-        return f"{self.endpoint.host}:{self.endpoint.grpc_port}"
+        return _netloc(self.endpoint.host, self.endpoint.grpc_port)
 
     def holds(self, model: str) -> bool:
         return model in self.models

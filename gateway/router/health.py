@@ -81,7 +81,10 @@ class Prober:
 
     async def _run(self, instance: Instance) -> None:
         while True:
-            await self.check(instance)
+            try:
+                await self.check(instance)
+            except Exception:  # a bug here must not stop this instance's checks for good
+                log.exception("router.check_failed", extra={"instance": instance.name})
             await asyncio.sleep(self.health_interval_s)
 
     async def check(self, instance: Instance) -> None:

@@ -28,9 +28,10 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 TARGET_HEADER = b"x-amzn-sagemaker-target-model"
-# RFC 9110 7.6.1, plus the length aiohttp computes again for the bytes it sends.
+# RFC 9110 7.6.1, plus the length aiohttp computes again for the bytes it sends, and `Expect`: the router
+# has already read the whole body (uvicorn answered the client's 100-continue).
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
-               b"transfer-encoding", b"upgrade", b"content-length"}
+               b"transfer-encoding", b"upgrade", b"content-length", b"expect"}
 _MODEL_SUFFIXES = ("/infer", "/ready", "/config", "/stats", "/load", "/unload", "/invoke")
 _LEARNS = ("/infer", "/config", "/stats", "/load", "/invoke", "/invocations", "")  # answers that mean "loaded"
 

@@ -1,7 +1,8 @@
 """The router's Prometheus metrics, on a private registry (one per router, so tests can run several).
 
-Named like the gateway's (`mme_` prefix, `_total` counters, seconds); every instance-level series is
-labelled with the instance's host:port so a dashboard can put them beside that instance's own metrics.
+Named like the gateway's (`mme_` prefix, `_total` counters, seconds). Per-instance series carry the
+instance's host:port as `gateway`, not `instance`: Prometheus sets `instance` to the scraped target (here
+the router itself), and a metric's own `instance` label would be renamed `exported_instance`.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ class RouterMetrics:
             "(retry elsewhere after a refused connection), balance (no model, or affinity off)",
             ["reason", "strategy"], registry=r)
         self.outstanding = Gauge("mme_router_outstanding_requests", "requests in flight on each instance",
-                                 ["instance"], registry=r)
-        self.healthy = Gauge("mme_router_instance_healthy", "1 when the instance takes traffic", ["instance"],
+                                 ["gateway"], registry=r)
+        self.healthy = Gauge("mme_router_instance_healthy", "1 when the instance takes traffic", ["gateway"],
                              registry=r)
         self.instance_models = Gauge("mme_router_instance_models", "models the router believes the instance holds",
-                                     ["instance"], registry=r)
+                                     ["gateway"], registry=r)
         self.errors = Counter(
             "mme_router_errors", "requests the router could not complete, by kind: connect (refused, retried "
             "once elsewhere), upstream (connection lost after the request was sent), timeout, no_instance",
