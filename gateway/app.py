@@ -136,12 +136,14 @@ class Gateway:
             if self.triton.running():
                 continue
             self.ready = False
+            self.manager.suspend()  # until it is back, known models answer 503 "retry", never "unknown model"
             log.error("triton.exited", extra={"code": self.triton.exit_code(), "log_tail": self.triton.log_tail(10)})
             self.metrics.triton_restarts.inc()
             try:
                 self.triton.start()
                 await self.triton.wait_ready(self.control.is_ready)
                 await self.manager.reconcile()
+                self.manager.resume()
                 self.ready = True
             except Exception:
                 log.exception("triton.restart_failed")

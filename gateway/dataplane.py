@@ -23,7 +23,7 @@ import grpc.aio
 from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2 as pb
 
-from gateway.errors import GatewayError, ModelBusy, ModelNotFound, Throttled
+from gateway.errors import GatewayError, ModelBusy, ModelNotFound, ModelNotReady, Throttled
 from gateway.infer_limits import check_grpc_request, check_http_request
 from gateway.manager import ModelManager
 from gateway.naming import ModelKey
@@ -39,6 +39,7 @@ T = TypeVar("T")
 M = TypeVar("M", bound=Message)
 
 _HEADER_LENGTH = "inference-header-content-length"
+_UNKNOWN_MODEL = b"unknown model"  # Triton's words for a model it does not have loaded
 _METADATA_CACHE_SIZE = 1024
 UNLOAD_WAIT_S = 10.0  # how long an unload waits for the model's requests and load in progress to end
 _POLL_S = 0.02
@@ -227,7 +228,16 @@ class DataPlane:
                             version: str | None = None) -> Forwarded:
         """POST a KServe v2 HTTP infer body for a held model; the answer names `key`, errors included."""
         path = f"/v2/models/{rec.name}" + (f"/versions/{version}" if version else "") + "/infer"
-        return restore_model_name(await self.http.request("POST", path, body, headers), rec.name, key)
+        answer = await self.http.request("POST", path, body, headers)
+        if answer.status >= 400 and _UNKNOWN_MODEL in answer.body and version is None:
+            self._lost(rec, key)
+        return restore_model_name(answer, rec.name, key)
+
+    def _lost(self, rec: ModelRecord, key: str) -> None:
+        """Triton answered "unknown model" for a model the gateway holds loaded (Triton restarted, or its
+        state changed behind the gateway): reload it on the next request, and say "retry" now, never 404."""
+        self.manager.lost([rec])
+        raise ModelNotReady(f"model {key!r} is being loaded again (Triton lost it); retry shortly")
 
     def checked_body(self, key: str, body: bytes, headers: Mapping[str, str]) -> tuple[bytes, dict[str, str]]:
         """A KServe v2 HTTP infer body and the headers to forward with it, once its declared tensors are
@@ -256,6 +266,8 @@ class DataPlane:
                 try:
                     raw = await self.grpc.infer(request.SerializeToString(), timeout_s)
                 except grpc.aio.AioRpcError as exc:
+                    if _UNKNOWN_MODEL.decode() in (exc.details() or "") and not request.model_version:
+                        self._lost(rec, key)
                     outcome.status = http_status(exc.code())
                     raise upstream_error(exc, {rec.name: key}) from None
             outcome.status = 200

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Collection, Coroutine
 
 from gateway.budget import BudgetConfig, MemoryBudget, model_class
 from gateway.config import default
@@ -38,6 +38,8 @@ from gateway.errors import (
     ModelLoadFailed,
     ModelNotFound,
     ModelNotReady,
+    StoreUnavailable,
+    TritonUnavailable,
 )
 from gateway.footprint import Meter
 from gateway.ledger import FootprintLedger
@@ -54,6 +56,7 @@ from gateway.triton.control import ModelControl
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.02
+_STALE_RETRY_S = 5.0  # while the store is unreachable, how often a model served from disk is checked again
 
 
 def _consume_exception(task: asyncio.Task[None]) -> None:
@@ -98,6 +101,7 @@ class ModelManager:
                                    changed=self._update_gauges)
         self.loader = Loader(control, meter, self.budget, metrics, policy, staging, changed=self._update_gauges)
         self._registered: dict[str, str] = {}  # container-API model name -> Triton name
+        self.triton_up = True  # False while the embedded Triton is down or restarting (see `suspend`)
         self._hit = metrics.cache_requests.labels(result="hit")  # labels() costs microseconds per request
         self._miss = metrics.cache_requests.labels(result="miss")
         self._background: set[asyncio.Task[object]] = set()
@@ -179,7 +183,9 @@ class ModelManager:
         hit = rec.state is State.READY  # SageMaker's ModelCacheHit: loaded when the invocation arrived
         confirmed = False  # a pipeline this caller awaited has just checked the store
         while True:
-            if rec.state is State.READY and (confirmed or not self._stale(rec)):
+            if rec.state is State.READY:
+                if not confirmed and self._stale(rec):
+                    self._refresh(rec)  # the store is asked in the background: never on the request path
                 rec.leases += 1  # no await between the check and the increment: eviction cannot slip in
                 rec.served_since_load += 1
                 (self._hit if hit else self._miss).inc()
@@ -190,6 +196,8 @@ class ModelManager:
                     rec.misses += 1
                     self.metrics.loading_wait.observe(loop.time() - started)
                 return rec
+            if not self.triton_up:  # no load can succeed now; say "retry" at once instead of queueing loads
+                raise TritonUnavailable(f"model {model.key!r} cannot be loaded while Triton restarts; retry shortly")
             task = rec.pipeline
             if task is None or task.done():
                 task = rec.pipeline = asyncio.create_task(self._pipeline(rec), name=f"pipeline:{model.triton_name}")
@@ -212,6 +220,31 @@ class ModelManager:
     def _stale(self, rec: ModelRecord) -> bool:
         return time.monotonic() - rec.checked_at > self.config.etag_ttl_s
 
+    def _refresh(self, rec: ModelRecord) -> None:
+        """Check a loaded model's version against the store in the background (one check at a time); a new
+        version is staged and loaded in its place, a deleted object unloads it."""
+        if rec.pipeline is None or rec.pipeline.done():
+            rec.pipeline = asyncio.create_task(self._pipeline(rec), name=f"refresh:{rec.name}")
+            rec.pipeline.add_done_callback(_consume_exception)
+
+    async def _head(self, rec: ModelRecord, staged: StagedArtifact | None) -> ObjectInfo:
+        """The store's word on the model's version; when the store cannot be reached and a copy is on disk,
+        that copy (stale-if-error: a store outage must not take down models the gateway already has),
+        checked again after `_STALE_RETRY_S`."""
+        try:
+            info = await asyncio.to_thread(self._source(rec).head, rec.model.key)
+        except StoreUnavailable as exc:
+            if staged is None or rec.state is State.FAILED:
+                raise
+            retry_s = min(_STALE_RETRY_S, self.config.etag_ttl_s)
+            rec.checked_at = time.monotonic() - self.config.etag_ttl_s + retry_s
+            self.metrics.stale_served.inc()
+            log.warning("store.unreachable_serving_staged",
+                        extra={"model": rec.model.key, "etag": staged.etag, "retry_s": retry_s, "error": exc.message})
+            return ObjectInfo(key=rec.model.key, etag=staged.etag, size=staged.artifact_bytes)
+        rec.checked_at = time.monotonic()
+        return info
+
     # -- the load pipeline (one per model in flight) ----------------------------------------------------
 
     async def _pipeline(self, rec: ModelRecord) -> None:
@@ -220,6 +253,9 @@ class ModelManager:
         except ModelNotFound:
             if rec.state not in RESIDENT and rec.source is None:
                 self._records.pop(rec.name, None)
+            elif rec.state is State.READY and rec.source is None:  # deleted from the store: stop serving it
+                log.info("model.deleted_from_store", extra={"model": rec.model.key})
+                self._spawn(self._evict(rec, reason="deleted_from_store", delete=True))
             raise
         except (InvalidArtifact, ModelLoadFailed, InsufficientMemory, MemoryBusy) as exc:
             if rec.state is State.LOADING or rec.state is State.STAGED:
@@ -249,8 +285,7 @@ class ModelManager:
         if staged is not None and staged.etag == rec.etag and not self._stale(rec) and rec.state is not State.FAILED:
             info = ObjectInfo(key=rec.model.key, etag=staged.etag, size=staged.artifact_bytes)  # trusted (TTL)
         else:
-            info = await asyncio.to_thread(self._source(rec).head, rec.model.key)
-            rec.checked_at = time.monotonic()
+            info = await self._head(rec, staged)
         if rec.state is State.FAILED and rec.etag == info.etag and rec.error is not None:
             raise rec.error  # same bytes as the last failure: refuse at once instead of downloading again
         if rec.state is State.READY and rec.etag == info.etag:
@@ -316,6 +351,29 @@ class ModelManager:
     async def unload(self, rec: ModelRecord, reason: str) -> bool:
         """Unload an idle ready model on request (APIs); False if it is leased or not loaded."""
         return await self._evict(rec, reason=reason)
+
+    def suspend(self) -> None:
+        """Triton is down: every model it held is lost, and loads wait until `resume`."""
+        self.triton_up = False
+        self.lost()
+
+    def resume(self) -> None:
+        self.triton_up = True
+
+    def lost(self, recs: Collection[ModelRecord] | None = None) -> int:
+        """Triton no longer has these models (it died, restarted, or answered "unknown model"): they are
+        staged, not loaded, so the next request loads them again instead of being told they do not exist.
+        All models when `recs` is None. Returns how many were marked."""
+        marked = 0
+        for rec in list(self._records.values()) if recs is None else recs:
+            if rec.state in (State.READY, State.UNLOADING):
+                rec.state = State.STAGED if self.staging.staged(rec.name) else State.ABSENT
+                self.policy.record_evict(rec.name)
+                marked += 1
+        if marked:
+            log.warning("models.lost_by_triton", extra={"models": marked})
+            self._update_gauges()
+        return marked
 
     def _spawn(self, coro: Coroutine[object, object, object]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -47,10 +47,14 @@ class Metrics:
         self.disk_hits = Counter(
             "mme_disk_tier_hits", "loads served from the NVMe tier without a download", registry=r
         )
+        self.stale_served = Counter(
+            "mme_store_unreachable_served_staged", "times the store could not be reached and the copy on disk was "
+            "served instead (stale-if-error)", registry=r,
+        )
         self.evictions = Counter(
             "mme_model_evictions", "models evicted, by tier (memory|disk) and reason (memory: "
             "memory_pressure, device_memory, measured_over_budget, growth, out_of_memory, cache_disabled, api, "
-            "deleted)", ["tier", "reason"], registry=r,
+            "deleted, deleted_from_store)", ["tier", "reason"], registry=r,
         )
         self.memory_used = Gauge("mme_memory_used_bytes", "model memory in use (measured or estimated)", registry=r)
         self.memory_budget = Gauge("mme_memory_budget_bytes", "memory budget for loaded models", registry=r)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -75,8 +76,13 @@ def test_replacing_a_file_serves_the_new_version(external_gateway, local_store: 
     status, first = _infer(external_gateway, key)
     assert status == 200
     write_artifact("Seattle_WA-2027", local_store / key)  # same key, new bytes: a new ETag (etag TTL is 0 here)
-    status, second = _infer(external_gateway, key)
-    assert status == 200, second
-    np.testing.assert_allclose(second["outputs"][0]["data"], predict("Seattle_WA-2027", np.array([HOUSE])).ravel(),
-                               rtol=1e-4)
+    expected = predict("Seattle_WA-2027", np.array([HOUSE])).ravel()
+    deadline = time.monotonic() + 30
+    while True:  # checked beside the requests: the loaded version answers until the new one is in
+        status, second = _infer(external_gateway, key)
+        assert status == 200, second
+        if np.allclose(second["outputs"][0]["data"], expected, rtol=1e-4):
+            break
+        assert time.monotonic() < deadline, "the new version was never served"
+        time.sleep(0.1)
     assert second["outputs"][0]["data"] != first["outputs"][0]["data"]
