@@ -34,7 +34,6 @@ _LEARNS = {"ModelInfer", "ModelStreamInfer", "ModelMetadata", "ModelConfig", "Mo
            "RepositoryModelLoad"}
 _CHANNEL_OPTIONS = [*UNLIMITED, ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000),
                     ("grpc.min_reconnect_backoff_ms", 200)]
-_SERVER_OPTIONS = [*UNLIMITED, ("grpc.so_reuseport", 0)]
 _NOT_FORWARDED = ("user-agent", "content-type", "te", "host")
 
 
@@ -100,7 +99,9 @@ def _connect_failure(exc: grpc.aio.AioRpcError) -> bool:
 
 
 class GrpcForwarder:
-    def __init__(self, table: RoutingTable, fleet: Fleet, metrics: RouterMetrics, timeout_s: float) -> None:
+    def __init__(self, table: RoutingTable, fleet: Fleet, metrics: RouterMetrics, timeout_s: float,
+                 max_message_bytes: int) -> None:
+        self.max_message_bytes = max_message_bytes
         self.table = table
         self.fleet = fleet
         self.metrics = metrics
@@ -127,7 +128,9 @@ class GrpcForwarder:
     # -- lifecycle --------------------------------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> int:
-        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        # SO_REUSEPORT off: a second router on the same port must fail to start, not share it silently.
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", self.max_message_bytes),
+                                          ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
         handlers: dict[str, grpc.RpcMethodHandler] = {}
         for name in (f.name for f in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods):
             if name == "ModelStreamInfer":
@@ -160,9 +163,9 @@ class GrpcForwarder:
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             if method == "ServerLive":
-                return pb.ServerLiveResponse(live=True).SerializeToString()
+                return bytes(pb.ServerLiveResponse(live=True).SerializeToString())
             if method == "ServerReady":
-                return pb.ServerReadyResponse(ready=bool(self.fleet.healthy())).SerializeToString()
+                return bytes(pb.ServerReadyResponse(ready=bool(self.fleet.healthy())).SerializeToString())
             started = time.perf_counter()
             model = model_field(request, field) if field else None
             metadata = forwarded_metadata(context)
@@ -172,7 +175,7 @@ class GrpcForwarder:
             async def attempt(instance: Instance) -> bytes:
                 call = self.channel(instance).unary_unary(path)(request, timeout=timeout, metadata=metadata)
                 try:
-                    return await call
+                    return bytes(await call)
                 except grpc.aio.AioRpcError as exc:
                     if _connect_failure(exc):
                         raise ConnectFailed(exc.details() or "unavailable") from exc

@@ -65,12 +65,13 @@ class HttpForwarder:
     """The ASGI app; `session` is the router's one aiohttp session (a connection pool per instance)."""
 
     def __init__(self, table: RoutingTable, fleet: Fleet, metrics: RouterMetrics, session: aiohttp.ClientSession,
-                 timeout_s: float) -> None:
+                 timeout_s: float, max_body_bytes: int) -> None:
         self.table = table
         self.fleet = fleet
         self.metrics = metrics
         self.session = session
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,7 +81,11 @@ class HttpForwarder:
             return await self._local(path, send)
         started = time.perf_counter()
         protocol = protocol_of(path)
-        body = await _read_body(receive)
+        body = await _read_body(receive, scope["headers"], self.max_body_bytes)
+        if body is None:
+            self.metrics.requests.labels(protocol, "413").inc()
+            return await _answer(send, *_error(413, "RequestTooLarge",
+                                               f"request body over {self.max_body_bytes} bytes"))
         model, verb = target_model(path, scope["headers"])
         target = scope.get("raw_path") or path.encode()
         if scope.get("query_string"):
@@ -110,9 +115,7 @@ class HttpForwarder:
                 self.table.forgot(instance, model)
         self.metrics.requests.labels(protocol, str(status)).inc()
         self.metrics.latency.labels(protocol).observe(time.perf_counter() - started)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [*out_headers, (b"content-length", str(len(out_body)).encode())]})
-        await send({"type": "http.response.body", "body": out_body})
+        await _answer(send, status, out_headers, out_body)
 
     async def _send(self, instance: Instance, method: str, target: str, headers: list[tuple[bytes, bytes]],
                     body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -138,16 +141,28 @@ class HttpForwarder:
             status, headers, body = 200, [], b""
         else:
             status, headers, body = _error(503, "NoHealthyInstance", self.fleet.unavailable_reason())
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _answer(send, status, headers, body)
 
 
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
+async def _answer(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Receive, headers: list[tuple[bytes, bytes]], cap: int) -> bytes | None:
+    """The whole body, or None once it is over `cap` bytes (from Content-Length before reading, if sent)."""
+    for key, value in headers:
+        if key.lower() == b"content-length" and value.isdigit() and int(value) > cap:
+            return None
+    chunks, size = [], 0
     while True:
         message = await receive()
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
         if not message.get("more_body"):
             return b"".join(chunks)
 

@@ -50,12 +50,14 @@ class Router:
         self._prober = Prober(self.fleet, self.metrics, self._session, health_interval_s=s.health_interval_s,
                               listing_interval_s=s.listing_interval_s, timeout_s=s.probe_timeout_s,
                               unhealthy_after=s.unhealthy_after, api_key=s.upstream_api_key)
-        self._http = HttpForwarder(self.table, self.fleet, self.metrics, self._session, s.upstream_timeout_s)
+        self._http = HttpForwarder(self.table, self.fleet, self.metrics, self._session, s.upstream_timeout_s,
+                                   s.max_request_bytes)
         self.fleet.on_added.append(self._prober.watch)
         self.fleet.on_removed.append(self._prober.unwatch)
         self.fleet.on_up.append(self._prober.relist)
         if s.grpc_port:
-            self._grpc = GrpcForwarder(self.table, self.fleet, self.metrics, s.upstream_timeout_s)
+            self._grpc = GrpcForwarder(self.table, self.fleet, self.metrics, s.upstream_timeout_s,
+                                       s.max_request_bytes)
             self.fleet.on_up.append(self._grpc.drop_channel)
             self.fleet.on_removed.append(self._grpc.drop_channel)
             await self._grpc.start(s.host, s.grpc_port)

@@ -55,6 +55,8 @@ class RouterSettings:
         "reads; clients' own credentials are forwarded untouched")
     upstream_api_key_file: Path | None = _setting(
         None, "a file holding --upstream-api-key (a mounted secret); read at start")
+    max_request_bytes: int = _setting(
+        64 << 20, "cap on one request's body (HTTP: 413 beyond; gRPC: RESOURCE_EXHAUSTED), as the gateways' default")
     max_connections: int = _setting(256, "HTTP connections kept to each instance")
     log_level: str = _setting("info", "debug, info, warning or error")
 
@@ -74,7 +76,7 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     for name, f in FIELDS.items():
         kind = _kind(name)
         parser.add_argument(flag(name), default=os.environ.get(env_var(name), f.default),
-                            help=f.metadata["help"], type=None if kind is str else kind,
+                            help=f.metadata["help"], type=typing.cast(Any, None if kind is str else kind),
                             choices=f.metadata["choices"])
 
 

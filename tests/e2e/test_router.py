@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Iterator
 
 import boto3
-import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -117,7 +116,7 @@ def served(gw: GatewayProcess, key: str) -> int:
 def test_no_healthy_instance_is_a_503_with_the_reason(tmp_path: Path) -> None:
     nobody = GatewayProcess.__new__(GatewayProcess)  # an address where nothing listens
     nobody.port, nobody.grpc_port = free_port(), free_port()
-    r = RouterProcess([nobody], tmp_path, ["--health-interval", "0.2"])
+    r = RouterProcess([nobody], tmp_path, ["--health-interval", "0.2", "--max-request-bytes", "4096"])
     try:
         deadline = time.monotonic() + 30
         while not _up(r) and time.monotonic() < deadline:
@@ -132,6 +131,14 @@ def test_no_healthy_instance_is_a_503_with_the_reason(tmp_path: Path) -> None:
             assert "no healthy gateway instance" in err.value.message()
             assert client.is_server_live() and not client.is_server_ready()
         assert r.samples("mme_router_errors_total")[frozenset({("kind", "no_instance")})] >= 2
+        # Bodies over the router's cap are refused before any instance is needed.
+        big = np.zeros((200, 6), dtype=np.float32)
+        status, body, _ = http("POST", f"{r.url}/v2/models/Houston_TX.tar.gz/infer", v2_request(big.tolist()))
+        assert status == 413 and json.loads(body)["code"] == "RequestTooLarge"
+        with grpcclient.InferenceServerClient(r.grpc_url) as client:
+            with pytest.raises(InferenceServerException) as err:
+                client.infer("Houston_TX.tar.gz", grpc_inputs(big))
+            assert err.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     finally:
         r.stop()
 

@@ -9,7 +9,6 @@ import argparse
 import copy
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
