@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 import grpc.aio
@@ -182,7 +182,10 @@ class GrpcForwarder:
                     raise
 
             try:
-                instance, answer = await self.table.forward(model, attempt)
+                if method == "RepositoryModelUnload" and model is not None:
+                    instance, answer = await self._unload_everywhere(model, attempt)
+                else:
+                    instance, answer = await self.table.forward(model, attempt)
             except NoInstance as exc:
                 self._done("no_instance", grpc.StatusCode.UNAVAILABLE, started)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc),
@@ -192,12 +195,27 @@ class GrpcForwarder:
                 await context.abort(exc.code(), exc.details() or "", trailing_metadata=_trailing(exc))
             if method in _LEARNS:
                 self.table.learned(instance, model)
-            elif method == "RepositoryModelUnload":
-                self.table.forgot(instance, model)
             self._done(None, grpc.StatusCode.OK, started)
             return answer
 
         return handle
+
+    async def _unload_everywhere(self, model: str, attempt: Callable[[Instance], Awaitable[bytes]]
+                                 ) -> tuple[Instance, bytes]:
+        """Every copy goes (as over HTTP): the first error other than NOT_FOUND, else a success, else NOT_FOUND."""
+        results = await self.table.broadcast(attempt)
+        failures = [r for _, r in results if isinstance(r, BaseException) and not isinstance(r, ConnectFailed)]
+        for failure in failures:
+            if not (isinstance(failure, grpc.aio.AioRpcError) and failure.code() is grpc.StatusCode.NOT_FOUND):
+                raise failure
+        done = [(i, r) for i, r in results if isinstance(r, bytes)]
+        for instance, _ in done:
+            self.table.forgot(instance, model)
+        if done:
+            return done[0]
+        if failures:
+            raise failures[0]
+        raise NoInstance(f"no gateway instance took the unload of {model}")
 
     def _done(self, error: str | None, code: grpc.StatusCode, started: float) -> None:
         if error is not None:

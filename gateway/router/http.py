@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 
 TARGET_HEADER = b"x-amzn-sagemaker-target-model"
 # RFC 9110 7.6.1, plus the length aiohttp computes again for the bytes it sends, and `Expect`: the router
@@ -92,11 +93,14 @@ class HttpForwarder:
             target += b"?" + scope["query_string"]
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP_BY_HOP]
 
-        async def attempt(instance: Instance) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        async def attempt(instance: Instance) -> Answer:
             return await self._send(instance, method, target.decode("latin-1"), headers, body)
 
         try:
-            instance, (status, out_headers, out_body) = await self.table.forward(model, attempt)
+            if verb == "/unload" and model is not None:
+                instance, (status, out_headers, out_body) = await self._unload_everywhere(model, attempt)
+            else:
+                instance, (status, out_headers, out_body) = await self.table.forward(model, attempt)
         except NoInstance as exc:
             self.metrics.errors.labels("no_instance").inc()
             status, out_headers, out_body = _error(503, "NoHealthyInstance", str(exc))
@@ -111,11 +115,26 @@ class HttpForwarder:
         else:
             if status == 200 and verb in _LEARNS:
                 self.table.learned(instance, model)
-            elif status == 200 and verb == "/unload":
-                self.table.forgot(instance, model)
         self.metrics.requests.labels(protocol, str(status)).inc()
         self.metrics.latency.labels(protocol).observe(time.perf_counter() - started)
         await _answer(send, status, out_headers, out_body)
+
+    async def _unload_everywhere(self, model: str, attempt: Callable[[Instance], Awaitable[Answer]]
+                                 ) -> tuple[Instance, Answer]:
+        """Every copy goes: the unload is sent to every healthy instance. The answer is the first error other
+        than 404 (an instance that never saw the model), else a success, else a 404."""
+        results = await self.table.broadcast(attempt)
+        for instance, result in results:
+            if isinstance(result, Exception) and not isinstance(result, ConnectFailed):
+                raise result
+        answers = [(i, r) for i, r in results if not isinstance(r, BaseException)]
+        if not answers:
+            raise NoInstance(f"no gateway instance took the unload of {model}")
+        for instance, answer in answers:
+            if answer[0] == 200:
+                self.table.forgot(instance, model)
+        ranked = sorted(answers, key=lambda a: 0 if a[1][0] not in (200, 404) else 1 if a[1][0] == 200 else 2)
+        return ranked[0]
 
     async def _send(self, instance: Instance, method: str, target: str, headers: list[tuple[bytes, bytes]],
                     body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

@@ -4,6 +4,7 @@ retries a refused connection once elsewhere. Both forwarders (HTTP and gRPC) go 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from typing import Awaitable, Callable, TypeVar
@@ -68,6 +69,27 @@ class RoutingTable:
             finally:
                 instance.outstanding -= 1
                 gauge.dec()
+
+    async def broadcast(self, attempt: Callable[[Instance], Awaitable[T]]) -> list[tuple[Instance, T | BaseException]]:
+        """Run `attempt` on every healthy instance at once (an unload must reach every copy); each result or
+        exception with its instance. A refused connection takes its instance out, as in `forward`."""
+        instances = self.fleet.healthy()
+        if not instances:
+            raise NoInstance(self.fleet.unavailable_reason())
+
+        async def one(instance: Instance) -> T:
+            instance.outstanding += 1
+            try:
+                return await attempt(instance)
+            except ConnectFailed as exc:
+                self.metrics.errors.labels("connect").inc()
+                self.fleet.mark_down(instance, f"connection failed: {exc}")
+                raise
+            finally:
+                instance.outstanding -= 1
+
+        results = await asyncio.gather(*(one(i) for i in instances), return_exceptions=True)
+        return list(zip(instances, results))
 
     def learned(self, instance: Instance, model: str | None) -> None:
         """The instance served `model`: it holds it (it may have been a spill or a failover target)."""

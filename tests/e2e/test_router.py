@@ -308,6 +308,23 @@ def test_both_strategies_are_selectable_and_visible(router: RouterProcess, gatew
         other.stop()
 
 
+def test_an_unload_through_the_router_reaches_every_copy(router: RouterProcess,
+                                                         gateways: list[GatewayProcess]) -> None:
+    assert sum(HOT in held(gw) for gw in gateways) >= 2, "runs after the hot-model test"
+    status, body, _ = http("POST", f"{router.url}/v2/repository/models/{HOT}/unload", b"{}")
+    assert status == 200, body
+    assert not any(HOT in held(gw) for gw in gateways)
+    with grpcclient.InferenceServerClient(router.grpc_url) as client:
+        client.unload_model(SPREAD[0])
+        with pytest.raises(InferenceServerException) as err:  # no instance knows it: the gateways' NOT_FOUND
+            client.unload_model("missing/Nowhere.tar.gz")
+        assert err.value.status() == "StatusCode.NOT_FOUND"
+    assert not any(SPREAD[0] in held(gw) for gw in gateways)
+    hashed = decisions(router, "hash")
+    assert infer(router.url, HOT)[0] == 200  # forgotten everywhere: placed again by its hash
+    assert decisions(router, "hash") == hashed + 1
+
+
 # -- failure and return ----------------------------------------------------------------------------------------
 
 
