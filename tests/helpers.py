@@ -239,7 +239,7 @@ class RouterProcess:
         self.log_path = workdir / "router.log"
         listed = ",".join(f"127.0.0.1:{gw.port}:{gw.grpc_port}" for gw in instances)
         cmd = [sys.executable, "-m", "gateway", "router", "--port", str(self.port), "--grpc-port",
-               str(self.grpc_port), "--instances", listed, *args]
+               str(self.grpc_port), *(["--instances", listed] if listed else []), *args]  # none: args discover
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
 

@@ -225,6 +225,22 @@ def test_perf_analyzer_works_through_the_router(router: RouterProcess, protocol:
     assert "Concurrency: 2, throughput:" in run.stdout, run.stdout[-3000:]
 
 
+def test_instances_found_by_dns(gateways: list[GatewayProcess], tmp_path: Path) -> None:
+    """`localhost` stands for a headless Service: every address it resolves to is an instance, and the ones
+    that answer health checks take traffic."""
+    gw = gateways[0]
+    r = RouterProcess([], tmp_path, ["--dns-name", "localhost", "--instance-http-port", str(gw.port),
+                                     "--instance-grpc-port", str(gw.grpc_port), "--health-interval", "0.5"])
+    try:
+        r.wait_healthy(1)
+        status, body = infer(r.url, "Houston_TX.tar.gz", HOUSES)
+        assert status == 200, body
+        np.testing.assert_allclose(price(body), predict("Houston_TX", HOUSES).ravel(), rtol=1e-4)
+        assert f'"127.0.0.1:{gw.port}"' in r.log_text()  # router.instance_added, from the resolver's answer
+    finally:
+        r.stop()
+
+
 # -- placement ------------------------------------------------------------------------------------------------
 
 
