@@ -34,6 +34,7 @@ _LEARNS = {"ModelInfer", "ModelStreamInfer", "ModelMetadata", "ModelConfig", "Mo
            "RepositoryModelLoad"}
 _CHANNEL_OPTIONS = [*UNLIMITED, ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000),
                     ("grpc.min_reconnect_backoff_ms", 200)]
+_STREAM_TIMEOUT_S = 3600.0  # bound on one ModelStreamInfer stream without a client deadline, as the gateway's
 _NOT_FORWARDED = ("user-agent", "content-type", "te", "host")
 
 
@@ -233,7 +234,7 @@ class GrpcForwarder:
         model = model_field(first, 1)
         metadata = forwarded_metadata(context)
         left = context.time_remaining()
-        timeout = None if left is None else max(left, 0.001)
+        timeout = _STREAM_TIMEOUT_S if left is None else max(min(left, _STREAM_TIMEOUT_S), 0.001)
         try:
             instance, reason = self.table.pick(model, set())
         except NoInstance as exc:
