@@ -6,7 +6,8 @@ Per request, for a TargetModel:
    `random` (SageMaker's two strategies);
 2. spill: when every holder has `spill_threshold` or more requests outstanding, the first non-holder in the
    model's hash order that is less busy gets it and loads one more copy (ModelMesh's rule; extra copies age
-   out through the instances' own eviction);
+   out through the instances' own eviction); likewise when the model's request rate per copy passes
+   `spill_rate` (a fast model that is hot never piles up outstanding requests), onto a non-holder no busier;
 3. hash: a model nobody holds goes to the first instance in its rendezvous (highest-random-weight) order,
    weighted by free model memory, so independent routers agree and a model is loaded once.
 Requests that name no model, and every request with affinity off, are balanced over all healthy instances.
@@ -78,8 +79,9 @@ def _pick(pool: Sequence[Candidate], strategy: str, rng: random.Random) -> Candi
 
 
 def decide(model: str | None, candidates: Sequence[Candidate], strategy: str, spill_threshold: int,
-           rng: random.Random, affinity: bool = True) -> Decision | None:
-    """Where one request goes, or None when there is no candidate (the caller answers 503)."""
+           rng: random.Random, affinity: bool = True, rate: float = 0.0, spill_rate: float = 0.0) -> Decision | None:
+    """Where one request goes, or None when there is no candidate (the caller answers 503). `rate` is the
+    model's recent requests per second through this router."""
     if not candidates:
         return None
     if model is None or not affinity:
@@ -92,6 +94,10 @@ def decide(model: str | None, candidates: Sequence[Candidate], strategy: str, sp
     least = min(h.outstanding for h in holders)
     if spill_threshold > 0 and least >= spill_threshold:
         spare = next((c for c in ordered if not c.holds and c.outstanding < least), None)
+        if spare is not None:
+            return Decision(spare.name, Reason.SPILL)
+    if spill_rate > 0 and rate / len(holders) > spill_rate:
+        spare = next((c for c in ordered if not c.holds and c.outstanding <= least), None)
         if spare is not None:
             return Decision(spare.name, Reason.SPILL)
     return Decision(_pick(holders, strategy, rng).name, Reason.AFFINITY)

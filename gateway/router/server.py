@@ -34,7 +34,7 @@ class Router:
         self.fleet = Fleet()
         self.metrics = RouterMetrics(settings.routing_strategy)
         self.table = RoutingTable(self.fleet, self.metrics, settings.routing_strategy, settings.spill_threshold,
-                                  affinity=settings.affinity == "on")
+                                  affinity=settings.affinity == "on", spill_rate=settings.spill_rate)
         self._http: HttpForwarder | None = None
         self._grpc: GrpcForwarder | None = None
         self._prober: Prober | None = None

@@ -43,6 +43,9 @@ class RouterSettings:
     spill_threshold: int = _setting(
         8, "outstanding requests on every holder of a model beyond which its next request loads one more "
         "copy on the next instance in its hash order (0: never)")
+    spill_rate: float = _setting(
+        0.0, "requests per second per copy of a model (this router's, over about 10 s) beyond which its next "
+        "request loads one more copy (0: never)")
     health_interval_s: float = _setting(1.0, "seconds between health checks of each instance")
     unhealthy_after: int = _setting(2, "consecutive failed health checks that take an instance out")
     listing_interval_s: float = _setting(

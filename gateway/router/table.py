@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
+import time
 from typing import Awaitable, Callable, TypeVar
 
 from gateway.router.fleet import Fleet, Instance
@@ -26,20 +28,52 @@ class NoInstance(Exception):
     """No healthy instance can take the request; the message says why (503)."""
 
 
+class RateMeter:
+    """Requests per second per model, exponentially decayed over `window_s` (no per-request history kept)."""
+
+    def __init__(self, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self.clock = clock
+        self._counts: dict[str, tuple[float, float]] = {}  # model -> (decayed count, when)
+
+    def hit(self, model: str) -> float:
+        """Count one request for `model`; its rate now, this request included."""
+        now = self.clock()
+        count, then = self._counts.get(model, (0.0, now))
+        count = count * math.exp(-(now - then) / self.window_s) + 1.0
+        if len(self._counts) > _MAX_METERED and model not in self._counts:
+            self._forget_idle(now)
+        self._counts[model] = (count, now)
+        return count / self.window_s
+
+    def _forget_idle(self, now: float) -> None:
+        for model, (count, then) in list(self._counts.items()):
+            if count * math.exp(-(now - then) / self.window_s) < 0.01:
+                del self._counts[model]
+
+
+_MAX_METERED = 10_000  # models with a rate kept before idle ones are dropped
+
+
 class RoutingTable:
     def __init__(self, fleet: Fleet, metrics: RouterMetrics, strategy: str, spill_threshold: int,
-                 affinity: bool = True, rng: random.Random | None = None) -> None:
+                 affinity: bool = True, rng: random.Random | None = None, spill_rate: float = 0.0,
+                 meter: RateMeter | None = None) -> None:
         self.fleet = fleet
         self.metrics = metrics
         self.strategy = strategy
         self.spill_threshold = spill_threshold
+        self.spill_rate = spill_rate
         self.affinity = affinity
         self.rng = rng or random.Random()
+        self.meter = meter or RateMeter()
 
     def pick(self, model: str | None, exclude: set[str]) -> tuple[Instance, Reason]:
         candidates = [Candidate(i.name, i.outstanding, i.free_bytes, model is not None and i.holds(model))
                       for i in self.fleet.healthy() if i.name not in exclude]
-        decision = decide(model, candidates, self.strategy, self.spill_threshold, self.rng, self.affinity)
+        rate = self.meter.hit(model) if model is not None and self.spill_rate > 0 and not exclude else 0.0
+        decision = decide(model, candidates, self.strategy, self.spill_threshold, self.rng, self.affinity,
+                          rate, self.spill_rate)
         if decision is None:
             raise NoInstance(self.fleet.unavailable_reason())
         instance = self.fleet.instances[decision.name]

@@ -95,3 +95,15 @@ def test_requests_without_a_model_and_affinity_off_balance_over_all() -> None:
     off = decide("m", cands, LEAST_OUTSTANDING, 8, random.Random(0), affinity=False)
     assert none is not None and off is not None
     assert (none.name, none.reason) == (NAMES[1], Reason.BALANCE) == (off.name, off.reason)
+
+
+def test_a_fast_hot_model_spills_on_its_request_rate() -> None:
+    order = [c.name for c in hash_order("hot", fleet())]
+    one_copy = fleet(holders={order[0]})
+    hot = decide("hot", one_copy, LEAST_OUTSTANDING, 8, random.Random(0), rate=120.0, spill_rate=100.0)
+    assert hot is not None and (hot.name, hot.reason) == (order[1], Reason.SPILL)
+    two_copies = fleet(holders={order[0], order[1]})  # 60/s per copy: enough copies
+    enough = decide("hot", two_copies, LEAST_OUTSTANDING, 8, random.Random(0), rate=120.0, spill_rate=100.0)
+    assert enough is not None and enough.reason is Reason.AFFINITY
+    off = decide("hot", one_copy, LEAST_OUTSTANDING, 8, random.Random(0), rate=1e6, spill_rate=0.0)
+    assert off is not None and off.reason is Reason.AFFINITY

@@ -12,7 +12,7 @@ from gateway.router.discovery import Endpoint
 from gateway.router.fleet import Fleet, Instance
 from gateway.router.metrics import RouterMetrics
 from gateway.router.policy import LEAST_OUTSTANDING
-from gateway.router.table import ConnectFailed, NoInstance, RoutingTable
+from gateway.router.table import ConnectFailed, NoInstance, RateMeter, RoutingTable
 
 
 def table(n: int = 3) -> RoutingTable:
@@ -97,3 +97,25 @@ def test_an_instance_back_in_has_forgotten_its_models() -> None:
     t.fleet.mark_down(instance, "test")
     t.fleet.mark_up(instance)
     assert not instance.holds("m")
+
+
+def test_the_rate_meter_decays() -> None:
+    now = [0.0]
+    meter = RateMeter(window_s=10.0, clock=lambda: now[0])
+    for _ in range(100):
+        rate = meter.hit("m")
+    assert rate == pytest.approx(10.0)  # 100 requests in no time over a 10 s window
+    now[0] = 10.0
+    assert meter.hit("m") == pytest.approx(100 * 0.3679 / 10 + 0.1, rel=1e-3)
+    assert meter.hit("other") == pytest.approx(0.1)
+
+
+def test_a_model_past_the_spill_rate_gets_one_more_copy_then_stays() -> None:
+    now = [0.0]
+    t = table()
+    t.spill_rate, t.meter = 5.0, RateMeter(window_s=10.0, clock=lambda: now[0])
+    reasons = [t.pick("m", set())[1].value for _ in range(80)]  # 8/s over the window: two copies hold 4/s each
+    assert reasons.count("hash") == 1 and reasons.count("spill") == 1, reasons
+    assert sum(i.holds("m") for i in t.fleet.instances.values()) == 2
+    reasons = [t.pick("m", set())[1].value for _ in range(40)]  # 12/s: a third copy
+    assert reasons.count("spill") == 1 and sum(i.holds("m") for i in t.fleet.instances.values()) == 3
