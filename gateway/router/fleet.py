@@ -100,8 +100,8 @@ class Fleet:
             listener(instance)
 
     def unavailable_reason(self) -> str:
-        """Why no instance can take a request, for the 503's message."""
+        """Why no instance can take a request, for the 503's message (addresses stay in the log, as the
+        gateways keep theirs out of answers)."""
         if not self.instances:
             return "no gateway instance discovered yet"
-        return (f"no healthy gateway instance: {len(self.instances)} known "
-                f"({', '.join(sorted(self.instances))}), all failing health checks")
+        return f"no healthy gateway instance: {len(self.instances)} known, all failing health checks"

@@ -111,7 +111,7 @@ class HttpForwarder:
             self.metrics.errors.labels("upstream").inc()
             log.warning("router.upstream_error", extra={"path": path, "model": model, "error": repr(exc)})
             status, out_headers, out_body = _error(
-                502, "UpstreamConnectionLost", f"the instance serving {model or path} dropped the connection: {exc}")
+                502, "UpstreamConnectionLost", f"the instance serving {model or path} dropped the connection")
         else:
             if status == 200 and verb in _LEARNS:
                 self.table.learned(instance, model)

@@ -97,8 +97,8 @@ class RoutingTable:
                 self.metrics.errors.labels("connect").inc()
                 self.fleet.mark_down(instance, f"connection failed: {exc}")
                 if excluded:
-                    raise NoInstance(f"gateway instances {', '.join(sorted(excluded | {instance.name}))} "
-                                     "refused the connection") from None
+                    log.warning("router.failover_failed", extra={"instances": sorted(excluded | {instance.name})})
+                    raise NoInstance("two gateway instances in turn refused the connection") from None
                 excluded.add(instance.name)
             finally:
                 instance.outstanding -= 1

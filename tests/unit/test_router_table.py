@@ -54,7 +54,7 @@ def test_a_second_refusal_is_no_instance_with_both_named() -> None:
 
     with pytest.raises(NoInstance) as err:
         asyncio.run(t.forward("m", refuse))
-    assert str(err.value).count("10.0.0.") == 2
+    assert "refused" in str(err.value) and "10.0.0." not in str(err.value)  # addresses stay in the log
     assert len(t.fleet.healthy()) == 1
     assert all(i.outstanding == 0 for i in t.fleet.instances.values())
 
@@ -76,8 +76,9 @@ def test_no_healthy_instance_says_why() -> None:
     t = table()
     for instance in list(t.fleet.instances.values()):
         t.fleet.mark_down(instance, "test")
-    with pytest.raises(NoInstance, match="no healthy gateway instance: 3 known"):
+    with pytest.raises(NoInstance, match="no healthy gateway instance: 3 known") as err:
         t.pick("m", set())
+    assert "10.0.0." not in str(err.value)
     with pytest.raises(NoInstance, match="no gateway instance discovered yet"):
         table(0).pick("m", set())
 
