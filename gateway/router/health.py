@@ -96,6 +96,7 @@ class Prober:
         else:
             why = "not ready"
         if ok:
+            instance.failures = 0  # consecutive failures only
             self.fleet.mark_up(instance)
         else:
             instance.failures += 1
