@@ -248,6 +248,7 @@ def test_200_requests_over_10_models_load_each_model_on_exactly_one_instance(
         router: RouterProcess, gateways: list[GatewayProcess]) -> None:
     rng = random.Random(13)
     trace = [rng.choice(SPREAD) for _ in range(200)]
+    loads_before = [gw.metric("mme_model_loads_total", {"result": "ok"}) for gw in gateways]
     failures: list[tuple[str, int]] = []
     lock = threading.Lock()
 
@@ -267,6 +268,8 @@ def test_200_requests_over_10_models_load_each_model_on_exactly_one_instance(
     holders = {key: [i for i, gw in enumerate(gateways) if key in held(gw)] for key in SPREAD}
     assert all(len(h) == 1 for h in holders.values()), holders
     assert all(sum(loads(gw, key) for gw in gateways) == 1 for key in SPREAD)
+    loaded = [gw.metric("mme_model_loads_total", {"result": "ok"}) - b for gw, b in zip(gateways, loads_before)]
+    assert sum(loaded) == len(SPREAD), loaded  # the instances' own counters: ten loads in all, no second copy
     assert len({h[0] for h in holders.values()}) >= 2, holders  # hashed across the fleet, not piled on one
 
 
