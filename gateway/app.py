@@ -24,6 +24,7 @@ from gateway.render import RenderOptions
 from gateway.resources import resolve
 from gateway.staging import StagingArea
 from gateway.store import open_store
+from gateway.stubs import Stubs
 from gateway.triton.control import TritonControl
 from gateway.triton.grpc import TritonGrpc
 from gateway.triton.http import TritonHttp
@@ -72,7 +73,7 @@ class Gateway:
         else:
             http_url, grpc_url = str(settings.triton_http_url), str(settings.triton_grpc_url)
         self.control = TritonControl(grpc_url, load_timeout_s=settings.load_timeout_s)
-        self.triton_http = TritonHttp(http_url)
+        self.triton_http = TritonHttp(http_url, timeout_s=settings.infer_timeout_s)
         self.triton_grpc = TritonGrpc(grpc_url)
         self.manager = ModelManager(
             self.store,
@@ -87,19 +88,22 @@ class Gateway:
                 wait_timeout_s=settings.wait_timeout_s,
                 etag_ttl_s=settings.etag_ttl_s,
                 model_cache_enabled=settings.model_cache == "enabled",
+                load_failure_backoff_s=settings.load_failure_backoff_s,
             ),
             budget=BudgetConfig.from_settings(settings, memory_budget_bytes=self.resources.memory_budget_bytes),
+            stubs=Stubs(self._triton_pid if self.triton else None, self.staging.repo),
         )
         self.dataplane = DataPlane(self.manager, self.triton_http, self.triton_grpc, self.metrics,
                                    max_concurrency=self.resources.max_concurrency,
                                    queue_timeout_s=settings.queue_timeout_s,
-                                   max_request_bytes=settings.max_request_bytes)
+                                   max_request_bytes=settings.max_request_bytes,
+                                   infer_timeout_s=settings.infer_timeout_s)
         redact.configure({str(settings.cache_dir): "<cache>", self.store.url: "<store>",
                           settings.s3_endpoint_url or "": "<store endpoint>", http_url: "<triton>",
                           grpc_url: "<triton>"}, self.dataplane.names)
         self._watcher: asyncio.Task[None] | None = None
         self._memory_watch: asyncio.Task[None] | None = None
-        self.ready = False
+        self.started = False
 
     def _triton_pid(self) -> int | None:
         return self.triton.pid if self.triton else None
@@ -117,7 +121,7 @@ class Gateway:
             self._watcher = asyncio.create_task(self._watch_triton(), name="triton-watch")
         if self.settings.remeasure_interval_s > 0:
             self._memory_watch = asyncio.create_task(self.manager.budget.watch(), name="memory-watch")
-        self.ready = True
+        self.started = True
         log.info("gateway.started", extra={"store": self.store.url, "cache_dir": str(self.settings.cache_dir)})
 
     async def _wait_external_ready(self, timeout_s: float = 60.0) -> None:
@@ -135,7 +139,6 @@ class Gateway:
             await asyncio.sleep(_WATCH_INTERVAL_S)
             if self.triton.running():
                 continue
-            self.ready = False
             self.manager.suspend()  # until it is back, known models answer 503 "retry", never "unknown model"
             log.error("triton.exited", extra={"code": self.triton.exit_code(), "log_tail": self.triton.log_tail(10)})
             self.metrics.triton_restarts.inc()
@@ -144,13 +147,20 @@ class Gateway:
                 await self.triton.wait_ready(self.control.is_ready)
                 await self.manager.reconcile()
                 self.manager.resume()
-                self.ready = True
             except Exception:
                 log.exception("triton.restart_failed")
                 await asyncio.sleep(5)
 
+    @property
+    def ready(self) -> bool:
+        """Serving and able to load: started, Triton up, and not every load slot held by a load being
+        stopped after --load-timeout."""
+        loader = self.manager.loader
+        return (self.started and self.manager.triton_up
+                and loader.wedged < self.settings.max_concurrent_loads)
+
     async def stop(self) -> None:
-        self.ready = False
+        self.started = False
         for task in (self._watcher, self._memory_watch):
             if task:
                 task.cancel()

@@ -90,7 +90,8 @@ class MemoryBudget:
 
     def __init__(self, records: dict[str, ModelRecord], policy: EvictionPolicy, probe: MemoryProbe, meter: Meter,
                  ledger: FootprintLedger, metrics: Metrics, config: BudgetConfig, evict: Evict,
-                 changed: Callable[[], None]) -> None:
+                 changed: Callable[[], None], stub_missing: Callable[[ModelRecord], None] | None = None) -> None:
+        self._stub_missing = stub_missing  # a loaded stub-backed model whose process is gone (killed, crashed)
         self._records = records  # the manager's own table, read here, never added to
         self.policy = policy
         self.probe = probe
@@ -360,6 +361,9 @@ class MemoryBudget:
         grown = []
         for rec in ready:
             now = sizes.get(rec.name)
+            if rec.state is State.READY and now is None and self._stub_missing is not None and (
+                    rec.model_class.startswith("python/") and getattr(self.meter, "sees_stubs", False)):
+                self._stub_missing(rec)  # found before a request hangs on it
             if rec.state is not State.READY or not now:
                 continue
             if rec.padded and rec.used_since_measured:  # the first real number in use replaces the guess

@@ -59,7 +59,13 @@ class Settings:
     wait_timeout_s: float = _setting(60.0, "seconds a request waits for its model to load before 'not ready, retry'")
     etag_ttl_s: float = _setting(
         30.0, "seconds a loaded model's version is trusted before the store is checked again")
-    load_timeout_s: float = _setting(300.0, "seconds Triton may take to load one model")
+    load_timeout_s: float = _setting(
+        300.0, "seconds Triton may take to load one model; past it the load is stopped (its stubs killed)")
+    load_failure_backoff_s: float = _setting(
+        60.0, "seconds a version that failed to load is refused before it is tried again (a new version: at once)")
+    infer_timeout_s: float = _setting(
+        55.0, "seconds Triton may take to answer one request (under the 60 s clients allow); past it the model "
+        "is treated as hung and restarted")
     max_artifact_bytes: int = _setting(8 << 30, "cap on the unpacked size of one artifact")
     max_artifact_files: int = _setting(10_000, "cap on the number of files in one artifact")
     instance_type: str | None = _setting(

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections import OrderedDict
 from contextlib import AbstractAsyncContextManager
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -23,7 +24,15 @@ import grpc.aio
 from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2 as pb
 
-from gateway.errors import GatewayError, ModelBusy, ModelNotFound, ModelNotReady, Throttled
+from gateway.errors import (
+    GatewayError,
+    ModelBusy,
+    ModelNotFound,
+    ModelNotReady,
+    ModelUnhealthy,
+    Throttled,
+    UpstreamTimeout,
+)
 from gateway.infer_limits import check_grpc_request, check_http_request
 from gateway.manager import ModelManager
 from gateway.naming import ModelKey
@@ -40,6 +49,7 @@ M = TypeVar("M", bound=Message)
 
 _HEADER_LENGTH = "inference-header-content-length"
 _UNKNOWN_MODEL = b"unknown model"  # Triton's words for a model it does not have loaded
+_STUB_DIED = re.compile(rb"[Ss]tub process.{0,200}(not healthy|unhealthy|died|exited|terminated)")
 _METADATA_CACHE_SIZE = 1024
 UNLOAD_WAIT_S = 10.0  # how long an unload waits for the model's requests and load in progress to end
 _POLL_S = 0.02
@@ -164,6 +174,44 @@ class Outcome:
         self.metrics.count_request(self.protocol, self.status)
 
 
+class Watch:
+    """Around a request waiting on Triton: past --infer-timeout the model is treated as hung and healed
+    (`ModelManager.heal`), which ends every other request waiting on it too, each with a 503 "retry". A plain
+    context manager with slots: it is on the hot path."""
+
+    __slots__ = ("manager", "rec", "key", "timeout_s", "task", "ours")
+
+    def __init__(self, manager: ModelManager, rec: ModelRecord, key: str, timeout_s: float,
+                 ours: bool = True) -> None:
+        self.manager, self.rec, self.key, self.timeout_s, self.ours = manager, rec, key, timeout_s, ours
+        self.task: asyncio.Task[object] | None = None
+
+    def __enter__(self) -> Watch:
+        self.task = asyncio.current_task()
+        self.rec.inflight.add(self.task)  # type: ignore[arg-type]
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        rec, task = self.rec, self.task
+        rec.inflight.discard(task)  # type: ignore[arg-type]
+        if exc is None:
+            return
+        if isinstance(exc, UpstreamTimeout) or self.timed_out(exc):
+            if self.ours:  # our own bound, not a shorter deadline of the client's
+                self.manager.heal(rec, "timeout")
+            raise UpstreamTimeout(f"model {self.key!r} did not answer within {self.timeout_s:.0f}s "
+                                  "(--infer-timeout); it is being restarted") from None
+        if isinstance(exc, asyncio.CancelledError) and task in rec.healed:
+            rec.healed.discard(task)  # type: ignore[arg-type]
+            task.uncancel()  # type: ignore[union-attr]
+            raise ModelUnhealthy(f"model {self.key!r} stopped answering (its process hung or died); it is being "
+                                 "restarted, retry shortly") from None
+
+    @staticmethod
+    def timed_out(exc: BaseException) -> bool:
+        return isinstance(exc, grpc.aio.AioRpcError) and exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 @dataclass(frozen=True)
 class IndexRow:
     key: str
@@ -175,8 +223,10 @@ class DataPlane:
     """What every edge calls; built once by the composition root and handed to each edge."""
 
     def __init__(self, manager: ModelManager, http: TritonHttp, grpc_client: TritonGrpc, metrics: Metrics,
-                 max_concurrency: int | None, queue_timeout_s: float, max_request_bytes: int) -> None:
+                 max_concurrency: int | None, queue_timeout_s: float, max_request_bytes: int,
+                 infer_timeout_s: float) -> None:
         self.manager = manager
+        self.infer_timeout_s = infer_timeout_s
         self.max_request_bytes = max_request_bytes
         self.http = http
         self.grpc = grpc_client
@@ -228,9 +278,13 @@ class DataPlane:
                             version: str | None = None) -> Forwarded:
         """POST a KServe v2 HTTP infer body for a held model; the answer names `key`, errors included."""
         path = f"/v2/models/{rec.name}" + (f"/versions/{version}" if version else "") + "/infer"
-        answer = await self.http.request("POST", path, body, headers)
-        if answer.status >= 400 and _UNKNOWN_MODEL in answer.body and version is None:
-            self._lost(rec, key)
+        with Watch(self.manager, rec, key, self.infer_timeout_s):
+            answer = await self.http.request("POST", path, body, headers)
+        if answer.status >= 400:
+            if _UNKNOWN_MODEL in answer.body and version is None:
+                self._lost(rec, key)
+            if _STUB_DIED.search(answer.body):
+                self.manager.heal(rec, "stub_died")
         return restore_model_name(answer, rec.name, key)
 
     def _lost(self, rec: ModelRecord, key: str) -> None:
@@ -264,7 +318,8 @@ class DataPlane:
             async with self.holding(key, wait_s) as rec:
                 request.model_name = rec.name
                 try:
-                    raw = await self.grpc.infer(request.SerializeToString(), timeout_s)
+                    with Watch(self.manager, rec, key, timeout_s, ours=timeout_s >= self.infer_timeout_s):
+                        raw = await self.grpc.infer(request.SerializeToString(), timeout_s)
                 except grpc.aio.AioRpcError as exc:
                     if _UNKNOWN_MODEL.decode() in (exc.details() or "") and not request.model_version:
                         self._lost(rec, key)

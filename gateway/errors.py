@@ -145,6 +145,26 @@ class MemoryBusy(GatewayError):
     code = "MemoryBusy"
 
 
+class LoadTimedOut(ModelLoadFailed):
+    """Triton did not finish loading the model within --load-timeout (its initialize hangs)."""
+
+    code = "LoadTimedOut"
+
+
+class UpstreamTimeout(GatewayError):
+    """Triton did not answer a request within --infer-timeout: the model is treated as hung and restarted."""
+
+    status = 504
+    code = "ModelTimeout"
+
+
+class ModelUnhealthy(GatewayError):
+    """The model's process hung or died while serving; it is being restarted, and a retry soon succeeds."""
+
+    status = 503
+    code = "ModelUnhealthy"
+
+
 class StoreUnavailable(GatewayError):
     """The artifact store could not be reached or refused access."""
 

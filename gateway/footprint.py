@@ -38,6 +38,11 @@ class TritonMeter:
     def _pid(self) -> int | None:
         return self._triton_pid() if self._triton_pid else None
 
+    @property
+    def sees_stubs(self) -> bool:
+        """Whether a stub-backed model with no stub found really has none (the embedded Triton's tree)."""
+        return self._pid() is not None
+
     def stub_bytes(self, names: Collection[str]) -> dict[str, int]:
         pid = self._pid()
         if pid is None or not names:

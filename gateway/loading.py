@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable
 
 from gateway.budget import MemoryBudget, is_out_of_memory, model_class
-from gateway.errors import ModelLoadFailed
+from gateway.errors import LoadTimedOut, ModelLoadFailed
 from gateway.footprint import Meter
 from gateway.metrics import Metrics
 from gateway.policy import EvictionPolicy
 from gateway.records import ModelRecord, State
 from gateway.staging import StagedArtifact, Staging
+from gateway.stubs import Stubs
 from gateway.triton.control import ModelControl
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,10 @@ class Loader:
     """Loads and unloads one model at a time in Triton; the manager decides which and when."""
 
     def __init__(self, control: ModelControl, meter: Meter, budget: MemoryBudget, metrics: Metrics,
-                 policy: EvictionPolicy, staging: Staging, changed: Callable[[], None]) -> None:
+                 policy: EvictionPolicy, staging: Staging, changed: Callable[[], None],
+                 stubs: Stubs | None = None) -> None:
+        self.stubs = stubs
+        self.wedged = 0  # loads past --load-timeout still being stopped: load capacity that is not there
         self.control = control
         self.meter = meter
         self.budget = budget
@@ -101,6 +105,12 @@ class Loader:
             started = time.monotonic()
             try:
                 await self.control.load(rec.name)
+            except LoadTimedOut:
+                self.metrics.loads.labels(result="timed_out").inc()
+                await self._stop_wedged(rec)
+                raise LoadTimedOut(f"model {rec.model.key!r} did not finish loading within the load timeout "
+                                   "(--load-timeout): its load was stopped; the same version is tried again after "
+                                   "--load-failure-backoff, a new one at once") from None
             except ModelLoadFailed as exc:
                 self.metrics.loads.labels(result="failed").inc()
                 reason = exc.message.replace(rec.name, rec.model.key)  # clients never see internal names
@@ -116,6 +126,20 @@ class Loader:
         self.metrics.loads.labels(result="ok").inc()
         self.metrics.loading.observe(rec.load_s)
         self._changed()
+
+    async def _stop_wedged(self, rec: ModelRecord) -> None:
+        """A load that outlived --load-timeout: kill its stubs (a hung `initialize` never returns by itself),
+        then have Triton drop it, so the load slot and the name are free again."""
+        self.wedged += 1
+        try:
+            if self.stubs is not None:
+                await asyncio.to_thread(self.stubs.kill, rec.name)
+            with contextlib.suppress(Exception):
+                await self.control.unload(rec.name)
+                await self.control.wait_unloaded(rec.name)
+            log.warning("model.load_stopped", extra={"model": rec.model.key})
+        finally:
+            self.wedged -= 1
 
     async def take_back(self, rec: ModelRecord) -> None:
         """Take back a load that may not stay (too large, no room); its memory counts until Triton confirms."""

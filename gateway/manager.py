@@ -50,12 +50,14 @@ from gateway.naming import ModelKey, model_key
 from gateway.policy import EvictionPolicy
 from gateway.records import RESIDENT, ModelRecord, State
 from gateway.staging import StagedArtifact, Staging
+from gateway.stubs import Stubs
 from gateway.store.base import ArtifactStore, ObjectInfo
 from gateway.triton.control import ModelControl
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.02
+_HEAL_UNLOAD_WAIT_S = 3.0  # how long a heal waits for Triton to confirm the sick model's unload
 _STALE_RETRY_S = 5.0  # while the store is unreachable, how often a model served from disk is checked again
 
 
@@ -70,6 +72,7 @@ class ManagerConfig:
     wait_timeout_s: float = default("wait_timeout_s")  # SageMaker answers within 60 s, loading goes on after
     etag_ttl_s: float = default("etag_ttl_s")  # how long a staged/loaded version is trusted before a store HEAD
     model_cache_enabled: bool = True  # SageMaker's ModelCacheSetting
+    load_failure_backoff_s: float = default("load_failure_backoff_s")  # a failed version is retried after it
 
 
 class ModelManager:
@@ -87,6 +90,7 @@ class ModelManager:
         ledger: FootprintLedger,
         config: ManagerConfig = ManagerConfig(),
         budget: BudgetConfig = BudgetConfig(),
+        stubs: Stubs | None = None,
     ) -> None:
         self.store = store
         self.staging = staging
@@ -98,8 +102,11 @@ class ModelManager:
         self._records: dict[str, ModelRecord] = {}
         self.budget = MemoryBudget(self._records, policy, probe, meter, ledger, metrics, budget,
                                    evict=lambda rec, reason: self._evict(rec, reason, chosen=True),
-                                   changed=self._update_gauges)
-        self.loader = Loader(control, meter, self.budget, metrics, policy, staging, changed=self._update_gauges)
+                                   changed=self._update_gauges,
+                                   stub_missing=lambda rec: self.heal(rec, "stub_died"))
+        self.stubs = stubs
+        self.loader = Loader(control, meter, self.budget, metrics, policy, staging, changed=self._update_gauges,
+                             stubs=stubs)
         self._registered: dict[str, str] = {}  # container-API model name -> Triton name
         self.triton_up = True  # False while the embedded Triton is down or restarting (see `suspend`)
         self._hit = metrics.cache_requests.labels(result="hit")  # labels() costs microseconds per request
@@ -263,7 +270,7 @@ class ModelManager:
                 rec.state = State.STAGED if isinstance(exc, (InsufficientMemory, MemoryBusy)) else State.FAILED
             elif rec.state is State.STAGING:
                 rec.state = State.FAILED
-            rec.error = exc
+            rec.error, rec.failed_at = exc, time.monotonic()
             self.metrics.load_failures.labels(reason=exc.code).inc()
             log.warning("model.failed", extra={"model": rec.model.key, "etag": rec.etag, "error": exc.message})
             raise
@@ -286,8 +293,9 @@ class ModelManager:
             info = ObjectInfo(key=rec.model.key, etag=staged.etag, size=staged.artifact_bytes)  # trusted (TTL)
         else:
             info = await self._head(rec, staged)
-        if rec.state is State.FAILED and rec.etag == info.etag and rec.error is not None:
-            raise rec.error  # same bytes as the last failure: refuse at once instead of downloading again
+        if rec.state is State.FAILED and rec.etag == info.etag and rec.error is not None and (
+                time.monotonic() - rec.failed_at < self.config.load_failure_backoff_s):
+            raise rec.error  # same bytes as the last failure: refuse at once until the back-off has passed
         if rec.state is State.READY and rec.etag == info.etag:
             return
         if staged is None or staged.etag != info.etag:
@@ -351,6 +359,34 @@ class ModelManager:
     async def unload(self, rec: ModelRecord, reason: str) -> bool:
         """Unload an idle ready model on request (APIs); False if it is leased or not loaded."""
         return await self._evict(rec, reason=reason)
+
+    def heal(self, rec: ModelRecord, reason: str) -> None:
+        """The model's stub hung or died while serving: end the requests waiting on it (503, retry), kill its
+        stubs, unload it and leave it staged, so the next request loads a fresh one."""
+        if rec.sick or rec.state is not State.READY:
+            return
+        rec.sick = True
+        for task in list(rec.inflight):
+            rec.healed.add(task)
+            task.cancel()
+        self.metrics.unhealthy_models.labels(reason=reason).inc()
+        log.warning("model.unhealthy", extra={"model": rec.model.key, "reason": reason, "in_flight": len(rec.healed)})
+        self._spawn(self._heal(rec))
+
+    async def _heal(self, rec: ModelRecord) -> None:
+        rec.state = State.UNLOADING
+        try:
+            if self.stubs is not None:
+                await asyncio.to_thread(self.stubs.kill, rec.name)
+            with contextlib.suppress(Exception):  # Triton may never finish unloading a model whose stub is
+                await self.control.unload(rec.name)  # gone (it waits for the requests queued to it), and
+                await self.control.wait_unloaded(rec.name, timeout_s=_HEAL_UNLOAD_WAIT_S)  # a load replaces it
+        finally:
+            rec.state = State.STAGED if self.staging.staged(rec.name) else State.ABSENT
+            rec.sick = False
+            self.policy.record_evict(rec.name)
+            self._update_gauges()
+            log.info("model.healed", extra={"model": rec.model.key})
 
     def suspend(self) -> None:
         """Triton is down: every model it held is lost, and loads wait until `resume`."""

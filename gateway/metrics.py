@@ -47,6 +47,10 @@ class Metrics:
         self.disk_hits = Counter(
             "mme_disk_tier_hits", "loads served from the NVMe tier without a download", registry=r
         )
+        self.unhealthy_models = Counter(
+            "mme_model_unhealthy", "models restarted because their process hung or died while serving, by reason "
+            "(timeout, stub_died)", ["reason"], registry=r,
+        )
         self.stale_served = Counter(
             "mme_store_unreachable_served_staged", "times the store could not be reached and the copy on disk was "
             "served instead (stale-if-error)", registry=r,

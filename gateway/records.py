@@ -50,8 +50,12 @@ class ModelRecord:
     download_s: float | None = None
     load_s: float | None = None
     error: GatewayError | None = None
+    failed_at: float = 0.0  # monotonic time `error` was set by a failed load: retried after the back-off
+    sick: bool = False  # its stub hung or died: being killed, unloaded and marked staged (see ModelManager.heal)
     source: ArtifactStore | None = None  # set for models registered by path (container API); else the store
     pipeline: asyncio.Task[None] | None = field(default=None, repr=False)
+    inflight: set[asyncio.Task[object]] = field(default_factory=set, repr=False)  # requests waiting on Triton
+    healed: set[asyncio.Task[object]] = field(default_factory=set, repr=False)  # of those, cancelled by a heal
 
     @property
     def name(self) -> str:

@@ -7,8 +7,10 @@ SIGTERM uvicorn drains HTTP requests before the gRPC edge gets its grace and the
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -26,7 +28,23 @@ from gateway.keys import KeyRing
 
 log = logging.getLogger(__name__)
 
-_GRPC_GRACE_S = 10.0  # in-flight gRPC calls get this long after HTTP has drained
+_DRAIN_S = 30.0  # on SIGTERM, in-flight HTTP requests and gRPC calls get this long, side by side
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, whose shutdown also drains the gRPC edge, at the same time and with the same bound
+    as HTTP (uvicorn alone would reach the gRPC edge only after HTTP had drained, through the lifespan)."""
+
+    def __init__(self, config: uvicorn.Config, edges: list[GrpcEdge]) -> None:
+        super().__init__(config)
+        self.edges = edges
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        draining = [asyncio.ensure_future(edge.stop(_DRAIN_S)) for edge in self.edges]
+        try:
+            await super().shutdown(sockets)
+        finally:
+            await asyncio.gather(*draining, return_exceptions=True)
 
 
 def is_loopback(host: str) -> bool:
@@ -61,10 +79,12 @@ def credentials(settings: Settings) -> tuple[KeyRing, SigV4Credentials | None]:
     return keys, None
 
 
-def application(settings: Settings) -> tuple[Gateway, Guard]:
-    """The services and the HTTP app whose lifespan starts and stops them with the gRPC edge."""
+def application(settings: Settings) -> tuple[Gateway, Guard, list[GrpcEdge]]:
+    """The services, the HTTP app whose lifespan starts and stops them with the gRPC edge, and that edge
+    (once started) for the server to drain."""
     keys, sigv4 = credentials(settings)
     gw = Gateway(settings)
+    edges: list[GrpcEdge] = []
 
     def ready() -> bool:
         return gw.ready
@@ -77,26 +97,27 @@ def application(settings: Settings) -> tuple[Gateway, Guard]:
             if settings.grpc_port:
                 edge = GrpcEdge(gw.dataplane, ready, keys)
                 await edge.start(settings.host, settings.grpc_port)
+                edges.append(edge)
             yield
         finally:
             if edge is not None:
-                await edge.stop(_GRPC_GRACE_S)
+                await edge.stop(_DRAIN_S)  # drained already by DrainingServer on SIGTERM; waits for that
             await gw.stop()
 
     container = (ContainerApi(settings.container_api_root, gw.staging.limits) if settings.container_api else None)
     app = build_app(gw.dataplane, gw.manager, gw.metrics, gw.store.url, ready, lifespan, container)
-    return gw, Guard(app, keys, sigv4, settings.max_request_bytes, settings.metrics_auth)
+    return gw, Guard(app, keys, sigv4, settings.max_request_bytes, settings.metrics_auth), edges
 
 
 def run(settings: Settings) -> int:
     """Serve until SIGTERM or SIGINT; 1 when the gateway could not start."""
-    _, app = application(settings)
+    _, app, edges = application(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, loop="uvloop",
         http=protocol_with_timeouts(settings.header_timeout_s, settings.body_timeout_s),
-        log_config=None, lifespan="on", access_log=False, timeout_graceful_shutdown=30,
+        log_config=None, lifespan="on", access_log=False, timeout_graceful_shutdown=int(_DRAIN_S),
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, edges)
     log.info("gateway.listening", extra={"host": settings.host, "port": settings.port})
     server.run()
     return 0 if server.started else 1

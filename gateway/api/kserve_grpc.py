@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 PROTOCOL = "kserve_grpc"  # the `protocol` label of mme_requests_total
 
 _CALL_TIMEOUT_S = 10.0  # metadata, config, statistics: Triton answers these from memory
-_INFER_TIMEOUT_S = 300.0  # upper bound on one inference when the client sets no deadline
 _STREAM_TIMEOUT_S = 3600.0  # upper bound on one ModelStreamInfer stream when the client sets no deadline
 # SO_REUSEPORT off: a second gateway on the same port must fail to start, not share the port silently.
 _SERVER_OPTIONS = [*UNLIMITED, ("grpc.so_reuseport", 0)]
@@ -99,6 +98,7 @@ class GrpcEdge:
         self._keys = keys if keys is not None and keys.enabled else None
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._stopping: asyncio.Future[None] | None = None
         self._server_metadata: pb.ServerMetadataResponse | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -124,10 +124,15 @@ class GrpcEdge:
         return bound
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        """Let in-flight calls finish for `grace_s`, then cancel the rest."""
-        if self._server is not None:
-            await self._server.stop(grace_s)
-            self._server = None
+        """Refuse new calls, let in-flight ones finish for `grace_s`, then cancel the rest. Idempotent: a second
+        caller waits for the first stop."""
+        if self._stopping is None:
+            if self._server is None:
+                return
+            log.info("grpc.draining", extra={"port": self.port, "grace_s": grace_s})
+            self._stopping = asyncio.ensure_future(self._server.stop(grace_s))
+        await asyncio.shield(self._stopping)
+        self._server = None
         log.info("grpc.stopped", extra={"port": self.port})
 
     def _handlers(self) -> dict[str, grpc.RpcMethodHandler]:
@@ -291,7 +296,7 @@ class GrpcEdge:
             self._count(http_status(exc.code))
             await self._abort(context, exc)
         try:
-            return await self.dp.infer_grpc(request, PROTOCOL, _remaining(context, _INFER_TIMEOUT_S),
+            return await self.dp.infer_grpc(request, PROTOCOL, _remaining(context, self.dp.infer_timeout_s),
                                             self._wait_s(context))
         except (GatewayError, TritonRpcError) as exc:
             await self._abort(context, exc)

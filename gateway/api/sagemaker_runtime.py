@@ -16,6 +16,10 @@ the body's `__type`, the text in `Message` (the body also keeps the gateway's ow
                                                                                 after eviction; retrying at
                                                                                 once would not help, so no
                                                                                 automatic SDK retry
+    UpstreamTimeout                        ModelError (Original 504)    424     the model did not answer within
+                                                                                --infer-timeout
+    ModelUnhealthy                         ServiceUnavailable           503     its process hung or died and is
+                                                                                being restarted: SDKs retry it
     MemoryBusy                             ServiceUnavailable           503     it fits, but the loaded models
                                                                                 stayed busy: SDKs retry it
     Triton answered 4xx/5xx to the infer   ModelError (Original = it)   424     SageMaker's "received client/
@@ -66,12 +70,14 @@ from gateway.errors import (
     InvalidRequestBody,
     MemoryBusy,
     ModelAlreadyExists,
+    ModelUnhealthy,
     ModelLoadFailed,
     ModelNotFound,
     ModelNotReady,
     StoreUnavailable,
     Throttled,
     TritonUnavailable,
+    UpstreamTimeout,
 )
 from gateway.naming import ModelKey, validate_key
 from gateway.redact import public
@@ -111,7 +117,9 @@ def runtime_error(exc: GatewayError, key: str | None = None) -> SageMakerError:
         return SageMakerError("ValidationError", 400, message, exc.code)
     if isinstance(exc, (InvalidModelKey, InvalidRequestBody, InvalidRequest, ModelAlreadyExists)):
         return SageMakerError("ValidationError", 400, exc.message, exc.code)
-    if isinstance(exc, MemoryBusy):  # transient: the SDK retries a 503
+    if isinstance(exc, UpstreamTimeout):  # the model did not answer in time: SageMaker's ModelError
+        return SageMakerError("ModelError", 424, exc.message, exc.code, exc.status, exc.message)
+    if isinstance(exc, (MemoryBusy, ModelUnhealthy)):  # transient: the SDK retries a 503
         return SageMakerError("ServiceUnavailable", 503, exc.message, exc.code, retry_after=True)
     if isinstance(exc, (InvalidArtifact, ModelLoadFailed, InsufficientMemory)):
         return SageMakerError("ModelError", 424, exc.message, exc.code, exc.status, exc.message)

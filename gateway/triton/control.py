@@ -13,7 +13,7 @@ from typing import Protocol
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from gateway.errors import ModelLoadFailed, TritonUnavailable
+from gateway.errors import LoadTimedOut, ModelLoadFailed, TritonUnavailable
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,9 @@ class TritonControl:
         try:
             await self._client.load_model(name, client_timeout=self._load_timeout_s)
         except InferenceServerException as exc:
+            if "DEADLINE" in (exc.status() or "").upper():
+                raise LoadTimedOut(f"{name} did not finish loading within {self._load_timeout_s:.0f}s "
+                                   "(--load-timeout)") from None
             if _unreachable(exc):
                 raise TritonUnavailable(f"Triton at {self.grpc_url} did not answer the load of {name}: {exc}") from None
             raise ModelLoadFailed(_clean_reason(str(exc.message() or exc))) from None

@@ -11,7 +11,7 @@ from typing import Mapping
 
 import aiohttp
 
-from gateway.errors import TritonUnavailable
+from gateway.errors import TritonUnavailable, UpstreamTimeout
 
 # Request headers Triton's HTTP API acts on; the rest (cookies, auth for the gateway, ...) stay here.
 _FORWARD_REQUEST = ("content-type", "inference-header-content-length", "content-encoding", "accept-encoding")
@@ -31,6 +31,7 @@ class TritonHttp:
     def __init__(self, http_url: str, max_connections: int = 256, timeout_s: float = 300.0) -> None:
         self.base = http_url if http_url.startswith("http") else f"http://{http_url}"
         self._max_connections = max_connections
+        self.timeout_s = timeout_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=5.0)
         self._session: aiohttp.ClientSession | None = None
 
@@ -59,5 +60,8 @@ class TritonHttp:
                 payload = await resp.read()
                 out = {k.lower(): v for k, v in resp.headers.items() if k.lower() in _FORWARD_RESPONSE}
                 return Forwarded(status=resp.status, headers=out, body=payload)
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+        except TimeoutError:  # aiohttp's ServerTimeoutError is one too: Triton is there but silent
+            raise UpstreamTimeout(f"Triton did not answer {method} {path} within {self.timeout_s:.0f}s "
+                                  "(--infer-timeout)") from None
+        except aiohttp.ClientConnectionError as exc:
             raise TritonUnavailable(f"Triton at {self.base} did not answer {method} {path}: {exc}") from None
