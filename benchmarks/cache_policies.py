@@ -82,7 +82,8 @@ class TimingStaging:
     def staged(self, name: str) -> StagedArtifact | None:
         return self.staged_names.get(name)
 
-    def stage(self, model: ModelKey, info: ObjectInfo, source: object = None) -> StagedArtifact:
+    def stage(self, model: ModelKey, info: ObjectInfo, source: object = None,
+              protected: object = ()) -> StagedArtifact:
         artifact = StagedArtifact(key=model.key, triton_name=model.triton_name, etag=info.etag,
                                   artifact_bytes=info.size, disk_bytes=info.size, framework="onnx",
                                   backend="python", instance_count=1, staged_at=time.time(), download_s=0.0)

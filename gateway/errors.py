@@ -165,6 +165,20 @@ class ModelUnhealthy(GatewayError):
     code = "ModelUnhealthy"
 
 
+class DiskFull(GatewayError):
+    """The local disk (NVMe tier) has no room for the model now: transient, never remembered as a bad artifact."""
+
+    status = 507
+    code = "InsufficientStorage"
+
+
+class DiskFailed(GatewayError):
+    """The local disk failed while staging (I/O error, read-only): transient, never remembered."""
+
+    status = 503
+    code = "LocalDiskError"
+
+
 class StoreUnavailable(GatewayError):
     """The artifact store could not be reached or refused access."""
 

@@ -7,14 +7,29 @@ anything is written, and the stdlib's `data` filter is applied on top where the 
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import tarfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.errors import InvalidArtifact
+from gateway.errors import DiskFailed, DiskFull, InvalidArtifact
+
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT}
+_DISK_FAILED = {errno.EIO, errno.EROFS}
+
+
+def disk_error(key: str, exc: OSError) -> DiskFull | DiskFailed | None:
+    """The transient error for a failure of the local disk (not of the artifact), or None."""
+    if exc.errno in _NO_ROOM:
+        return DiskFull(f"model {key!r}: the local disk has no room for it now; retry later")
+    if exc.errno in _DISK_FAILED:
+        return DiskFailed(f"model {key!r}: the local disk failed while staging it ({os.strerror(exc.errno)}); "
+                          "retry later")
+    return None
 
 
 @dataclass(frozen=True)
@@ -43,10 +58,13 @@ def _check_member(member: tarfile.TarInfo, key: str) -> None:
         raise InvalidArtifact(f"artifact {key!r}: member {name!r} has an unsupported type")
 
 
-def safe_extract(archive: Path, dest: Path, key: str, limits: ExtractLimits) -> None:
+def safe_extract(archive: Path, dest: Path, key: str, limits: ExtractLimits,
+                 reserve: Callable[[int], None] | None = None) -> None:
     """Extract `archive` (tar, optionally gzip-compressed) into the empty directory `dest`.
 
-    Raises InvalidArtifact, naming the model and the reason, for corrupt archives and anything unsafe.
+    Raises InvalidArtifact, naming the model and the reason, for corrupt archives and anything unsafe, and
+    DiskFull or DiskFailed when the local disk, not the archive, is the problem. `reserve` is called with the
+    unpacked size read from the headers before anything is written, to make room for it (or refuse).
     """
     dest.mkdir(parents=True, exist_ok=True)
     try:
@@ -65,11 +83,18 @@ def safe_extract(archive: Path, dest: Path, key: str, limits: ExtractLimits) -> 
                     raise InvalidArtifact(f"artifact {key!r} holds more than {limits.max_files} files (the cap)")
             if not members:
                 raise InvalidArtifact(f"artifact {key!r} is an empty archive")
+            if reserve is not None:
+                reserve(total)
             kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             tar.extractall(dest, members=members, **kwargs)  # type: ignore[arg-type]
-    except InvalidArtifact:
+    except (InvalidArtifact, DiskFull, DiskFailed):
         raise
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+    except OSError as exc:
+        transient = disk_error(key, exc)
+        if transient is not None:
+            raise transient from None
+        raise InvalidArtifact(f"artifact {key!r} is not a readable .tar.gz: {exc}") from None
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise InvalidArtifact(f"artifact {key!r} is not a readable .tar.gz: {exc}") from None
     _check_tree(dest, key)
 

@@ -308,8 +308,9 @@ class ModelManager:
     async def _stage(self, rec: ModelRecord, info: ObjectInfo) -> StagedArtifact:
         rec.state, rec.etag, rec.error = State.STAGING, info.etag, None
         log.info("model.staging", extra={"model": rec.model.key, "etag": info.etag, "bytes": info.size})
-        await self._make_disk_room(2 * info.size, keep=rec.name)  # the archive and its extraction, briefly
-        staged = await asyncio.to_thread(self.staging.stage, rec.model, info, self._source(rec))
+        await self._make_disk_room(info.size, keep=rec.name)  # the archive; its extraction: from its headers
+        staged = await asyncio.to_thread(self.staging.stage, rec.model, info, self._source(rec),
+                                         self._disk_protected(rec.name))
         rec.state, rec.artifact_bytes, rec.download_s = State.STAGED, staged.artifact_bytes, staged.download_s
         self.metrics.downloads.inc()
         self.metrics.download_bytes.inc(staged.artifact_bytes)
@@ -317,8 +318,12 @@ class ModelManager:
         await self._make_disk_room(0, keep=rec.name)
         return staged
 
+    def _disk_protected(self, keep: str) -> set[str]:
+        """Staged models whose files must stay: loaded, loading or in use, and `keep`."""
+        return {r.name for r in self._records.values() if r.state is not State.STAGED or r.leases} | {keep}
+
     async def _make_disk_room(self, need_bytes: int, keep: str) -> None:
-        protected = {r.name for r in self._records.values() if r.state is not State.STAGED or r.leases} | {keep}
+        protected = self._disk_protected(keep)
         for name in await asyncio.to_thread(self.staging.make_room, need_bytes, protected):
             self.metrics.evictions.labels(tier="disk", reason="disk_budget").inc()
             log.info("model.evicted_from_disk", extra={"triton_name": name})

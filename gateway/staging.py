@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Collection, Protocol
 
-from gateway.extract import ExtractLimits, safe_extract
+from gateway.errors import DiskFull
+from gateway.extract import ExtractLimits, disk_error, safe_extract
 from gateway.naming import ModelKey
 from gateway.render import RenderOptions, RenderedModel, render_model_dir
 from gateway.store.base import ArtifactStore, ObjectInfo
@@ -62,7 +63,8 @@ class Staging(Protocol):
     def used_bytes(self) -> int: ...
     def touch(self, triton_name: str) -> None: ...
     def make_room(self, need_bytes: int, protected: Collection[str]) -> list[str]: ...
-    def stage(self, model: ModelKey, info: ObjectInfo, source: ArtifactStore | None = None) -> StagedArtifact: ...
+    def stage(self, model: ModelKey, info: ObjectInfo, source: ArtifactStore | None = None,
+              protected: Collection[str] = ()) -> StagedArtifact: ...
     def remove(self, triton_name: str) -> None: ...
 
 
@@ -181,8 +183,34 @@ class StagingArea:
 
     # -- staging -------------------------------------------------------------------------------------------
 
-    def stage(self, model: ModelKey, info: ObjectInfo, source: ArtifactStore | None = None) -> StagedArtifact:
-        """Download `model` (the version `info` describes), extract safely, render; blocking, run in a thread."""
+    def stage(self, model: ModelKey, info: ObjectInfo, source: ArtifactStore | None = None,
+              protected: Collection[str] = ()) -> StagedArtifact:
+        """Download `model` (the version `info` describes), extract safely, render; blocking, run in a thread.
+        Room for the unpacked model is made from its size in the tar headers (staged models not in
+        `protected` go first); a full or failing local disk is a transient DiskFull/DiskFailed."""
+        try:
+            return self._stage(model, info, source, {*protected, model.triton_name})
+        except OSError as exc:
+            transient = disk_error(model.key, exc)
+            if transient is None:
+                raise
+            log.warning("model.staging_disk_error", extra={"model": model.key, "error": str(exc)})
+            raise transient from None
+
+    def _room_for(self, key: str, need_bytes: int, protected: Collection[str]) -> None:
+        """Make room for `need_bytes` more within the disk budget and on the file system, or DiskFull."""
+        removed = self.make_room(need_bytes, protected)
+        if removed:
+            log.info("model.disk_room_made", extra={"model": key, "need_bytes": need_bytes, "removed": removed})
+        with self._lock:
+            used = sum(self._sizes.values())
+        free = shutil.disk_usage(self.tmp).free
+        if (self.budget_bytes is not None and used + need_bytes > self.budget_bytes) or need_bytes > free:
+            raise DiskFull(f"model {key!r} unpacks to {need_bytes} bytes, more than the local disk has room for "
+                           "now (every staged model left is loaded or in use); retry later")
+
+    def _stage(self, model: ModelKey, info: ObjectInfo, source: ArtifactStore | None,
+               protected: Collection[str]) -> StagedArtifact:
         work = Path(tempfile.mkdtemp(prefix=f"{model.triton_name}-", dir=self.tmp))
         try:
             archive = work / "artifact"
@@ -195,7 +223,8 @@ class StagingArea:
                 extra={"model": model.key, "bytes": info.size, "etag": info.etag, "download_s": round(download_s, 4)},
             )
             extracted = work / "x"
-            safe_extract(archive, extracted, model.key, self.limits)
+            safe_extract(archive, extracted, model.key, self.limits,
+                         reserve=lambda total: self._room_for(model.key, total, protected))
             archive.unlink()
             root, rendered = render_model_dir(extracted, model.triton_name, model.key, self.render)
             return self._install(model, info, root, rendered, download_s)

@@ -18,8 +18,9 @@ the body's `__type`, the text in `Message` (the body also keeps the gateway's ow
                                                                                 automatic SDK retry
     UpstreamTimeout                        ModelError (Original 504)    424     the model did not answer within
                                                                                 --infer-timeout
-    ModelUnhealthy                         ServiceUnavailable           503     its process hung or died and is
-                                                                                being restarted: SDKs retry it
+    ModelUnhealthy, DiskFull, DiskFailed   ServiceUnavailable           503     its process hung or died and is
+                                                                                being restarted, or the local
+                                                                                disk is full: SDKs retry it
     MemoryBusy                             ServiceUnavailable           503     it fits, but the loaded models
                                                                                 stayed busy: SDKs retry it
     Triton answered 4xx/5xx to the infer   ModelError (Original = it)   424     SageMaker's "received client/
@@ -62,6 +63,8 @@ from starlette.routing import Route
 from gateway.api.csv_codec import CSV_MEDIA_TYPE, CsvError, csv_input, encode_answer, encode_request, parse_rows
 from gateway.dataplane import DataPlane
 from gateway.errors import (
+    DiskFailed,
+    DiskFull,
     GatewayError,
     InsufficientMemory,
     InvalidArtifact,
@@ -119,7 +122,7 @@ def runtime_error(exc: GatewayError, key: str | None = None) -> SageMakerError:
         return SageMakerError("ValidationError", 400, exc.message, exc.code)
     if isinstance(exc, UpstreamTimeout):  # the model did not answer in time: SageMaker's ModelError
         return SageMakerError("ModelError", 424, exc.message, exc.code, exc.status, exc.message)
-    if isinstance(exc, (MemoryBusy, ModelUnhealthy)):  # transient: the SDK retries a 503
+    if isinstance(exc, (MemoryBusy, ModelUnhealthy, DiskFull, DiskFailed)):  # transient: the SDK retries a 503
         return SageMakerError("ServiceUnavailable", 503, exc.message, exc.code, retry_after=True)
     if isinstance(exc, (InvalidArtifact, ModelLoadFailed, InsufficientMemory)):
         return SageMakerError("ModelError", 424, exc.message, exc.code, exc.status, exc.message)

@@ -342,3 +342,39 @@ def _try(call):  # type: ignore[no-untyped-def]
         return call()
     except Exception as exc:  # the test reports what it was
         return exc
+
+
+# -- the local disk fills up --------------------------------------------------------------------------------
+
+
+def test_a_full_disk_is_a_transient_507_that_is_not_remembered_once_space_is_back(tmp_path: Path) -> None:
+    import subprocess
+
+    disk = tmp_path / "nvme"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs as the cache disk needs root")
+    store = tmp_path / "store"
+    store.mkdir()
+    from gateway.demo import onnx_model
+
+    big = tar_gz({"model.onnx": onnx_model("Big_ZZ").SerializeToString(), "weights.pad": bytes(40 << 20)})
+    assert len(big) < 1 << 20  # small to download, 40 MiB on disk: room must come from the headers
+    (store / "Big.tar.gz").write_bytes(big)
+    filler = disk / "filler"
+    gw = None
+    try:
+        gw = GatewayProcess(["--store", str(store), "--cache-dir", str(disk / "cache")], tmp_path / "gw")
+        gw.wait_ready()
+        filler.write_bytes(bytes(30 << 20))  # another tenant of the disk leaves about 30 MiB free
+        status, body = infer_status(gw, "Big.tar.gz")
+        assert status == 507 and b"Big.tar.gz" in body and b"local disk" in body, body
+        assert not list((disk / "cache" / "tmp").iterdir())  # nothing half-extracted left behind
+        filler.unlink()  # space is back: the same version is tried again, not refused from memory
+        status, body = infer_status(gw, "Big.tar.gz")
+        assert status == 200, body
+    finally:
+        if gw is not None:
+            gw.stop()
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -85,3 +85,38 @@ def test_uncompressed_tar_is_accepted(tmp_path: Path) -> None:
         tar.addfile(info, io.BytesIO(b"z"))
     safe_extract(_write(tmp_path, buf.getvalue()), tmp_path / "out", "k", LIMITS)
     assert (tmp_path / "out/model.onnx").read_bytes() == b"z"
+
+
+def _small_tmpfs(path: Path, size: str) -> bool:
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_local_disk_is_a_transient_error_not_a_bad_artifact(tmp_path: Path) -> None:
+    import subprocess
+
+    from gateway.errors import DiskFull
+
+    disk = tmp_path / "disk"
+    if not _small_tmpfs(disk, "2m"):
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        archive = tmp_path / "big.tar.gz"
+        archive.write_bytes(tar_gz({"model.onnx": b"x", "pad.bin": bytes(4 << 20)}))
+        with pytest.raises(DiskFull, match="'big'"):
+            safe_extract(archive, disk / "x", "big", ExtractLimits(max_total_bytes=1 << 30, max_files=100))
+        seen = []
+
+        def refuse(total: int) -> None:
+            seen.append(total)
+            raise DiskFull("no room")
+
+        with pytest.raises(DiskFull):  # the reservation hears the unpacked size before anything is written
+            safe_extract(archive, disk / "y", "big", ExtractLimits(max_total_bytes=1 << 30, max_files=100),
+                         reserve=refuse)
+        assert seen == [(4 << 20) + 1] and not any((disk / "y").iterdir())
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
