@@ -140,6 +140,7 @@ class Gateway:
             if self.triton.running():
                 continue
             self.manager.suspend()  # until it is back, known models answer 503 "retry", never "unknown model"
+            self.triton.reap()  # its orphaned stubs go with it
             log.error("triton.exited", extra={"code": self.triton.exit_code(), "log_tail": self.triton.log_tail(10)})
             self.metrics.triton_restarts.inc()
             try:

@@ -18,8 +18,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from gateway.errors import InvalidArtifact
 
-# Parameters whose value is a file or directory name: ours (onnx_file, model_file) and anything that says so.
+# Parameters whose value is a file or directory name that Triton or a runner of ours opens: ours (onnx_file,
+# model_file), the Python backend's EXECUTION_ENV_PATH, and for other backends anything that says so. Other
+# parameters of a Python-backend model are read by the model's own code, which can open what it likes anyway.
 _FILE_PARAMETER = re.compile(r"(file|filename|files|path|dir|directory)$", re.IGNORECASE)
+_PYTHON_FILE_PARAMETERS = {"onnx_file", "model_file", "EXECUTION_ENV_PATH"}
 _MODEL_DIR_VARIABLE = "$$TRITON_MODEL_DIRECTORY"
 _BACKEND_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
@@ -66,8 +69,9 @@ def _version_relative(config: mc.ModelConfig) -> list[tuple[str, str]]:
 
 
 def _file_parameters(config: mc.ModelConfig) -> list[tuple[str, str]]:
+    python = config.backend == "python"
     return [(f"parameters[{name!r}]", p.string_value) for name, p in config.parameters.items()
-            if _FILE_PARAMETER.search(name) and p.string_value]
+            if p.string_value and (name in _PYTHON_FILE_PARAMETERS if python else _FILE_PARAMETER.search(name))]
 
 
 def _warmup_files(config: mc.ModelConfig) -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ machine with no GPU and no Docker. Three things make it work from a virtual envi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import importlib.metadata
 import logging
@@ -119,6 +120,7 @@ class TritonProcess:
         self.metrics_port = config.metrics_port or free_port()
         self.log_path = config.work_dir / "triton.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._starts = 0
 
     @property
     def http_url(self) -> str:
@@ -162,6 +164,9 @@ class TritonProcess:
             "--grpc-address=127.0.0.1",
             "--allow-metrics=true",
             "--exit-timeout-secs=10",
+            # Each start gets its own Python-backend shared-memory names: stubs of a Triton that was killed may
+            # linger for a moment, and a new one must never attach to their regions.
+            f"--backend-config=python,shm-region-prefix-name=mme{os.getpid()}s{self._starts}_",
             *self.config.extra_args,
         ]
 
@@ -172,6 +177,7 @@ class TritonProcess:
             raise RuntimeError(problem)
         self.config.work_dir.mkdir(parents=True, exist_ok=True)
         self.config.model_repository.mkdir(parents=True, exist_ok=True)
+        self._starts += 1
         cmd = self.command()
         log_file = self.log_path.open("ab")
         log.info("triton.start", extra={"cmd": " ".join(cmd), "log": str(self.log_path)})
@@ -183,8 +189,19 @@ class TritonProcess:
             env=self._env(),
             cwd=self.config.work_dir,
             preexec_fn=_die_with_parent,
+            start_new_session=True,  # its own process group: its stubs can be reaped with it (`reap`)
         )
         log_file.close()
+
+    def reap(self) -> None:
+        """Kill what is left of a Triton that exited: its Python-backend stubs, in its process group."""
+        if self._proc is None:
+            return
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        log.info("triton.reaped", extra={"pgid": self._proc.pid})
 
     def exit_code(self) -> int | None:
         return self._proc.poll() if self._proc else None
@@ -217,6 +234,8 @@ class TritonProcess:
             log.warning("triton.kill", extra={"reason": "did not stop after SIGTERM"})
             proc.kill()
             proc.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # any stub still there: nothing is left behind
         log.info("triton.stopped")
 
     def log_tail(self, lines: int = 30) -> str:

@@ -59,10 +59,16 @@ def test_a_symlink_leading_out_is_refused(tmp_path: Path) -> None:
     assert "default_model_filename" in _refused(root)
 
 
-@pytest.mark.parametrize("key", ["onnx_file", "model_file", "EXECUTION_ENV_PATH", "some_weights_path"])
+@pytest.mark.parametrize("key", ["onnx_file", "model_file", "EXECUTION_ENV_PATH"])
 def test_parameters_naming_files_outside_are_refused(tmp_path: Path, key: str) -> None:
     config = PY_CONFIG + f'parameters {{ key: "{key}" value: {{ string_value: "/etc/passwd" }} }}\n'
     assert f"parameters[{key!r}]" in _refused(_artifact(tmp_path, config))
+
+
+def test_a_python_model_s_own_parameters_are_its_code_s_business(tmp_path: Path) -> None:
+    """Neither Triton nor a runner opens them; the model's code, which can open any file anyway, reads them."""
+    config = PY_CONFIG + 'parameters { key: "trace_dir" value: { string_value: "/tmp/traces" } }\n'
+    render_model_dir(_artifact(tmp_path, config), "m", "k", RenderOptions())
 
 
 def test_execution_env_path_must_stay_in_the_model_directory(tmp_path: Path) -> None:
