@@ -8,14 +8,10 @@ with `mme-gateway serve` (`--port`, `MME_PORT`, ...) mean the same thing for the
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from gateway.config import _setting, env_var, flag
+from gateway.config import add_arguments, flag, setting, values_from_args
 
 STRATEGIES = ("least-outstanding-requests", "random")  # SageMaker's LEAST_OUTSTANDING_REQUESTS and RANDOM
 SWITCH = ("on", "off")
@@ -23,79 +19,53 @@ SWITCH = ("on", "off")
 
 @dataclass(frozen=True)
 class RouterSettings:
-    instances: str | None = _setting(
+    instances: str | None = setting(
         None, "gateway instances: comma-separated host:http_port[:grpc_port] (grpc_port defaults to "
         "--instance-grpc-port); or use --dns-name")
-    dns_name: str | None = _setting(
+    dns_name: str | None = setting(
         None, "a DNS name with one address per instance (a Kubernetes headless Service), resolved again every "
         "--dns-interval seconds")
-    instance_http_port: int = _setting(8080, "instances' HTTP port, for --dns-name")
-    instance_grpc_port: int = _setting(8081, "instances' gRPC port, for --dns-name and entries without one")
-    dns_interval_s: float = _setting(5.0, "seconds between DNS resolutions of --dns-name")
-    host: str = _setting("127.0.0.1", "address to listen on")
-    port: int = _setting(8080, "HTTP port")
-    grpc_port: int = _setting(8081, "KServe v2 gRPC port (0: no gRPC)")
-    routing_strategy: str = _setting(
+    instance_http_port: int = setting(8080, "instances' HTTP port, for --dns-name")
+    instance_grpc_port: int = setting(8081, "instances' gRPC port, for --dns-name and entries without one")
+    dns_interval_s: float = setting(5.0, "seconds between DNS resolutions of --dns-name")
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(8080, "HTTP port")
+    grpc_port: int = setting(8081, "KServe v2 gRPC port (0: no gRPC)")
+    routing_strategy: str = setting(
         "least-outstanding-requests", "how to choose among the instances holding a model", STRATEGIES)
-    affinity: str = _setting(
+    affinity: str = setting(
         "on", "off: ignore which instances hold a model and choose among all healthy ones by --routing-strategy, "
         "as a load balancer without model awareness does (for comparison)", SWITCH)
-    spill_threshold: int = _setting(
+    spill_threshold: int = setting(
         8, "outstanding requests on every holder of a model beyond which its next request loads one more "
         "copy on the next instance in its hash order (0: never)")
-    spill_rate: float = _setting(
+    spill_rate: float = setting(
         0.0, "requests per second per copy of a model (this router's, over about 10 s) beyond which its next "
         "request loads one more copy (0: never)")
-    health_interval_s: float = _setting(1.0, "seconds between health checks of each instance")
-    unhealthy_after: int = _setting(2, "consecutive failed health checks that take an instance out")
-    listing_interval_s: float = _setting(
+    health_interval_s: float = setting(1.0, "seconds between health checks of each instance")
+    unhealthy_after: int = setting(2, "consecutive failed health checks that take an instance out")
+    listing_interval_s: float = setting(
         2.0, "seconds between listings of each instance's loaded models and free model memory")
-    probe_timeout_s: float = _setting(2.0, "seconds a health check or listing may take")
-    upstream_timeout_s: float = _setting(
+    probe_timeout_s: float = setting(2.0, "seconds a health check or listing may take")
+    upstream_timeout_s: float = setting(
         600.0, "seconds one forwarded request may take (a cold load waits up to the gateway's --wait-timeout)")
-    upstream_api_key: str | None = _setting(
+    upstream_api_key: str | None = setting(
         None, "API key (manage scope) the router sends as a Bearer token for its own listings and /metrics "
         "reads; clients' own credentials are forwarded untouched")
-    upstream_api_key_file: Path | None = _setting(
+    upstream_api_key_file: Path | None = setting(
         None, "a file holding --upstream-api-key (a mounted secret); read at start")
-    max_request_bytes: int = _setting(
+    max_request_bytes: int = setting(
         64 << 20, "cap on one request's body (HTTP: 413 beyond; gRPC: RESOURCE_EXHAUSTED), as the gateways' default")
-    max_connections: int = _setting(256, "HTTP connections kept to each instance")
-    log_level: str = _setting("info", "debug, info, warning or error")
-
-
-FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(RouterSettings)}
-_TYPES = typing.get_type_hints(RouterSettings)
-
-
-def _kind(name: str) -> type:
-    hint = _TYPES[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return typing.cast(type, args[0] if args else hint)
+    max_connections: int = setting(256, "HTTP connections kept to each instance")
+    log_level: str = setting("info", "debug, info, warning or error")
 
 
 def add_router_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field; its environment variable, when set, replaces the declared default."""
-    for name, f in FIELDS.items():
-        kind = _kind(name)
-        parser.add_argument(flag(name), default=os.environ.get(env_var(name), f.default),
-                            help=f.metadata["help"], type=typing.cast(Any, None if kind is str else kind),
-                            choices=f.metadata["choices"])
+    add_arguments(parser, RouterSettings)
 
 
 def router_settings_from_args(args: argparse.Namespace) -> RouterSettings:
-    values: dict[str, Any] = {}
-    for name, f in FIELDS.items():
-        value = getattr(args, flag(name)[2:].replace("-", "_"))
-        if value is not None:
-            try:
-                value = _kind(name)(value)
-            except ValueError as exc:  # from the environment: argparse never saw it
-                raise SystemExit(f"{env_var(name)}: {exc}") from None
-        choices = f.metadata["choices"]
-        if choices and value not in choices:
-            raise SystemExit(f"{flag(name)} (or {env_var(name)}) must be one of {', '.join(choices)}, not {value!r}")
-        values[name] = value
+    values = values_from_args(args, RouterSettings)
     if bool(values["instances"]) == bool(values["dns_name"]):
         raise SystemExit(f"give exactly one of {flag('instances')} and {flag('dns_name')}")
     if values["upstream_api_key_file"] is not None:
