@@ -38,8 +38,8 @@ from gateway.paths import PYTHON_BACKENDS_DIR, TEMPLATES_DIR
 RUNNER_SOURCE = PYTHON_BACKENDS_DIR / "onnx_runner" / "model.py"
 RUNNER_SOURCES = {  # runner template -> the model.py it copies next to the model file
     "onnx_python": RUNNER_SOURCE,
-    "xgboost_python": PYTHON_BACKENDS_DIR / "xgboost_runner" / "model.py",
-    "lightgbm_python": PYTHON_BACKENDS_DIR / "lightgbm_runner" / "model.py",
+    "xgboost_python": PYTHON_BACKENDS_DIR / "tree_runner" / "model.py",
+    "lightgbm_python": PYTHON_BACKENDS_DIR / "tree_runner" / "model.py",
 }
 SIDECAR = "io.json"
 _ONNX_BACKENDS = {"onnxruntime"}

@@ -281,3 +281,52 @@ class RouterProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+class MotoServer:
+    """A moto S3 server on a loopback port of its own, which a test or benchmark can stop and start again on the
+    same port (moto keeps its objects in the process meanwhile): a store that goes away and comes back."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = None
+
+    def start(self) -> "MotoServer":
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def descendants(pid: int, name: bytes = b"") -> list[int]:
+    """Processes under `pid` (any depth), those whose command line contains `name` when one is given."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found = []
+    for child in parents:
+        ancestor = parents.get(child)
+        while ancestor and ancestor != pid:
+            ancestor = parents.get(ancestor)
+        if ancestor == pid and name in cmdline(child):
+            found.append(child)
+    return found
+

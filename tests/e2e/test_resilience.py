@@ -18,9 +18,17 @@ from typing import Iterator
 import boto3
 import pytest
 
-from gateway.triton.process import free_port
 from tests.conftest import S3_ENV
-from tests.helpers import GatewayProcess, ballast_artifact, city_artifact, http, tar_gz, v2_request
+from tests.helpers import (
+    GatewayProcess,
+    MotoServer,
+    ballast_artifact,
+    city_artifact,
+    descendants,
+    http,
+    tar_gz,
+    v2_request,
+)
 
 HOUSE = [1994.0, 3188.0, 5.0, 1.5, 1.62, 3.0]
 
@@ -30,58 +38,13 @@ def infer_status(gw: GatewayProcess, key: str, timeout: float = 60.0) -> tuple[i
     return status, body
 
 
-def children(pid: int, name: bytes) -> list[int]:
-    """Processes under `pid` (any depth) whose command line contains `name`."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found = []
-    for child in parents:
-        ancestor = parents.get(child)
-        while ancestor and ancestor != pid:
-            ancestor = parents.get(ancestor)
-        if ancestor == pid:
-            try:
-                if name in Path(f"/proc/{child}/cmdline").read_bytes():
-                    found.append(child)
-            except OSError:
-                pass
-    return found
-
-
 # -- the store goes away ------------------------------------------------------------------------------------
 
 
-class Moto:
-    """A moto S3 server of this test's own, which the test can stop and start again on the same port."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server = None
-
-    def start(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-
 @pytest.fixture
-def outage_store(tmp_path: Path) -> Iterator[tuple[Moto, GatewayProcess]]:
+def outage_store(tmp_path: Path) -> Iterator[tuple[MotoServer, GatewayProcess]]:
     os.environ.update(S3_ENV)
-    moto = Moto()
-    moto.start()
+    moto = MotoServer().start()
     s3 = boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1")
     s3.create_bucket(Bucket="outage")
     for city in ("Houston_TX", "Boston_MA", "Denver_CO"):
@@ -149,7 +112,7 @@ def test_no_known_model_is_ever_a_404_while_triton_restarts(local_gateway: Gatew
     for thread in threads:
         thread.start()
     time.sleep(1.0)
-    (triton,) = children(gw.proc.pid, b"tritonserver")
+    (triton,) = descendants(gw.proc.pid, b"tritonserver")
     os.kill(triton, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while gw.metric("mme_triton_restarts_total") < 1 or http("GET", f"{gw.url}/v2/health/ready")[0] != 200:
@@ -219,7 +182,7 @@ def trouble(tmp_path: Path) -> Iterator[tuple[Path, GatewayProcess]]:
 
 def stubs_of(gw: GatewayProcess, key: str) -> list[int]:
     name = key.removesuffix(".tar.gz")
-    return [pid for pid in children(gw.proc.pid, b"triton_python_backend_stub")
+    return [pid for pid in descendants(gw.proc.pid, b"triton_python_backend_stub")
             if f"/repo/{name}-".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 

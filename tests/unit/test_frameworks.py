@@ -141,7 +141,8 @@ def test_torchscript_and_tensorrt_on_the_bundled_triton_are_refused_naming_the_b
 def test_xgboost_on_the_bundled_triton_gets_the_runner_with_batching(tmp_path: Path) -> None:
     config, root, _ = _render(tmp_path, {"xgboost.json": bytes(_xgb("binary:logistic").save_raw("json"))}, BUNDLED)
     assert config.backend == "python" and config.parameters["model_file"].string_value == "xgboost.json"
-    assert (root / "1" / "model.py").read_text().startswith('"""An XGBoost runner')
+    assert (root / "1" / "model.py").read_text().startswith('"""A tree-model runner')
+    assert config.parameters["framework"].string_value == "xgboost"
     assert config.max_batch_size == TABULAR_MAX_BATCH_SIZE and config.HasField("dynamic_batching")
     assert _io(config.output) == [("output__0", "TYPE_FP32", [1])]  # what Booster.predict answers
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
@@ -152,7 +153,8 @@ def test_lightgbm_runner_stays_on_the_cpu_even_where_native_backends_get_the_gpu
                              lightgbm.Dataset(X, np.digitize(Y, np.quantile(Y, [0.33, 0.66]))), num_boost_round=2)
     options = RenderOptions(instance_kind="KIND_GPU")
     config, root, _ = _render(tmp_path, {"model.txt": booster.model_to_string().encode()}, options)
-    assert (root / "1" / "model.py").read_text().startswith('"""A LightGBM runner')
+    assert (root / "1" / "model.py").read_text().startswith('"""A tree-model runner')
+    assert config.parameters["framework"].string_value == "lightgbm"
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert _io(config.output) == [("output__0", "TYPE_FP32", [3])]
 
