@@ -5,7 +5,7 @@ PORT ?= 8080
 DEMO ?= .demo
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test unit perf-analyzer demo-store bench bench-cache bench-overhead bench-routing clean
+.PHONY: install run test unit perf-analyzer demo-store bench bench-cache bench-overhead bench-routing bench-soak clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh scripts/install-perf-analyzer.sh
 	scripts/bootstrap.sh "$(PYTHON)" "$(VENV)"
@@ -41,6 +41,10 @@ bench-overhead: $(STAMP)
 # Three gateways behind routers (~4 minutes): LOR vs random under heavy-tailed latency, cold loads with and without affinity.
 bench-routing: $(STAMP)
 	$(VENV)/bin/python benchmarks/routing.py
+
+# About ten minutes: a store of 10,000 models, failures on purpose; exits non-zero on any other failure.
+bench-soak: $(STAMP)
+	$(VENV)/bin/python benchmarks/soak.py --out bench-results/soak.json
 
 clean:
 	rm -rf $(DEMO) .mme-cache .pytest_cache
