@@ -279,3 +279,23 @@ def test_no_keys_means_loopback_only_unless_told_insecure(tmp_path: Path) -> Non
     done = subprocess.run([*command[:-6], "--api-keys-file", str(bad)], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode != 0 and "never in clear" in done.stderr and INVOKE_KEY not in done.stderr
+
+
+def test_the_container_api_is_off_unless_asked_for(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / MODEL).write_bytes(city_artifact("Houston_TX"))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(onnx_model("Boston_MA").SerializeToString())
+    gateway = GatewayProcess(["--store", str(store)], tmp_path / "gw").wait_ready()
+    try:
+        status, body, _ = http("POST", f"{gateway.url}/models",
+                               json.dumps({"model_name": "m", "url": str(model)}).encode())
+        assert status == 404 and "--container-api" in json.loads(body)["error"]
+        assert http("GET", f"{gateway.url}/models")[0] == 404
+        assert http("POST", f"{gateway.url}/models/m/invoke", v2_request([HOUSE]))[0] == 404
+        assert http("GET", f"{gateway.url}/ping")[0] == 200  # SageMaker's health check stays
+        assert not gateway.events("sagemaker.model_registered")
+    finally:
+        gateway.stop()
