@@ -57,7 +57,8 @@ from gateway.triton.control import ModelControl
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.02
-_HEAL_UNLOAD_WAIT_S = 3.0  # how long a heal waits for Triton to confirm the sick model's unload
+_HEAL_UNLOAD_WAIT_S = 15.0  # a heal waits this long for Triton to confirm the unload: reloading the name while Triton still
+# finalizes an instance whose stub is dead can make its Python backend abort (seen once in the soak)
 _STALE_RETRY_S = 5.0  # while the store is unreachable, how often a model served from disk is checked again
 
 
