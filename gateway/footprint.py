@@ -40,8 +40,16 @@ class TritonMeter:
 
     @property
     def sees_stubs(self) -> bool:
-        """Whether a stub-backed model with no stub found really has none (the embedded Triton's tree)."""
-        return self._pid() is not None
+        """Whether a stub-backed model with no stub found really has none: the embedded Triton is there and
+        alive (a Triton that just died took every stub with it; that is the supervisor's business)."""
+        pid = self._pid()
+        if pid is None:
+            return False
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in ("Z", "X")
 
     def stub_bytes(self, names: Collection[str]) -> dict[str, int]:
         pid = self._pid()

@@ -369,7 +369,7 @@ class ModelManager:
     def heal(self, rec: ModelRecord, reason: str) -> None:
         """The model's stub hung or died while serving: end the requests waiting on it (503, retry), kill its
         stubs, unload it and leave it staged, so the next request loads a fresh one."""
-        if rec.sick or rec.state is not State.READY:
+        if rec.sick or rec.state is not State.READY or not self.triton_up:
             return
         rec.sick = True
         for task in list(rec.inflight):
