@@ -72,31 +72,6 @@ def synthetic_onnx(name: str, pad_columns: int, seed: int) -> bytes:
     return model.SerializeToString()
 
 
-def _tar_gz(onnx_bytes: bytes) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        info = tarfile.TarInfo("model.onnx")
-        info.size = len(onnx_bytes)
-        tar.addfile(info, io.BytesIO(onnx_bytes))
-    return buf.getvalue()
-
-
-def synthetic_artifact(name: str, size_bytes: int, seed: int) -> bytes:
-    """A .tar.gz of about `size_bytes`: sized from a first guess, then corrected once by the ratio seen."""
-    columns = max(1, size_bytes // 24)  # 6 float32 per column
-    data = _tar_gz(synthetic_onnx(name, columns, seed))
-    for _ in range(3):
-        if abs(len(data) - size_bytes) <= SIZE_TOLERANCE * size_bytes:
-            break
-        columns = max(1, int(columns * size_bytes / len(data)))
-        data = _tar_gz(synthetic_onnx(name, columns, seed))
-    return data
-
-
-TREE_SIZE_TOLERANCE = 0.5  # boosting rounds come in steps; a tree artifact within 50% is kept
-_MAX_ROUNDS = 5000
-
-
 def _tar_files(files: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
@@ -105,6 +80,22 @@ def _tar_files(files: dict[str, bytes]) -> bytes:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def synthetic_artifact(name: str, size_bytes: int, seed: int) -> bytes:
+    """A .tar.gz of about `size_bytes`: sized from a first guess, then corrected once by the ratio seen."""
+    columns = max(1, size_bytes // 24)  # 6 float32 per column
+    data = _tar_files({"model.onnx": synthetic_onnx(name, columns, seed)})
+    for _ in range(3):
+        if abs(len(data) - size_bytes) <= SIZE_TOLERANCE * size_bytes:
+            break
+        columns = max(1, int(columns * size_bytes / len(data)))
+        data = _tar_files({"model.onnx": synthetic_onnx(name, columns, seed)})
+    return data
+
+
+TREE_SIZE_TOLERANCE = 0.5  # boosting rounds come in steps; a tree artifact within 50% is kept
+_MAX_ROUNDS = 5000
 
 
 def synthetic_tree_artifact(name: str, framework: str, size_bytes: int) -> bytes:
