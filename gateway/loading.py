@@ -132,14 +132,20 @@ class Loader:
         then have Triton drop it, so the load slot and the name are free again."""
         self.wedged += 1
         try:
-            if self.stubs is not None:
-                await asyncio.to_thread(self.stubs.kill, rec.name)
-            with contextlib.suppress(Exception):
-                await self.control.unload(rec.name)
-                await self.control.wait_unloaded(rec.name)
+            await self.force_unload(rec)
             log.warning("model.load_stopped", extra={"model": rec.model.key})
         finally:
             self.wedged -= 1
+
+    async def force_unload(self, rec: ModelRecord, wait_s: float = 30.0) -> None:
+        """Kill the model's stubs, then have Triton drop it and wait up to `wait_s` for the confirmation: for a
+        model whose stub hangs or died, which a plain unload may never finish (Triton waits for the requests
+        queued to the stub). Failures are swallowed: the caller decides the model's state."""
+        if self.stubs is not None:
+            await asyncio.to_thread(self.stubs.kill, rec.name)
+        with contextlib.suppress(Exception):
+            await self.control.unload(rec.name)
+            await self.control.wait_unloaded(rec.name, timeout_s=wait_s)
 
     async def take_back(self, rec: ModelRecord) -> None:
         """Take back a load that may not stay (too large, no room); its memory counts until Triton confirms."""

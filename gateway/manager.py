@@ -105,7 +105,6 @@ class ModelManager:
                                    evict=lambda rec, reason: self._evict(rec, reason, chosen=True),
                                    changed=self._update_gauges,
                                    stub_missing=lambda rec: self.heal(rec, "stub_died"))
-        self.stubs = stubs
         self.loader = Loader(control, meter, self.budget, metrics, policy, staging, changed=self._update_gauges,
                              stubs=stubs)
         self._registered: dict[str, str] = {}  # container-API model name -> Triton name
@@ -382,11 +381,7 @@ class ModelManager:
     async def _heal(self, rec: ModelRecord) -> None:
         rec.state = State.UNLOADING
         try:
-            if self.stubs is not None:
-                await asyncio.to_thread(self.stubs.kill, rec.name)
-            with contextlib.suppress(Exception):  # Triton may never finish unloading a model whose stub is
-                await self.control.unload(rec.name)  # gone (it waits for the requests queued to it), and
-                await self.control.wait_unloaded(rec.name, timeout_s=_HEAL_UNLOAD_WAIT_S)  # a load replaces it
+            await self.loader.force_unload(rec, _HEAL_UNLOAD_WAIT_S)
         finally:
             rec.state = State.STAGED if self.staging.staged(rec.name) else State.ABSENT
             rec.sick = False
