@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from collections.abc import AsyncIterator, Collection, Coroutine
+from collections.abc import Collection, Coroutine
 
 from gateway.budget import BudgetConfig, MemoryBudget, model_class
 from gateway.config import default
@@ -154,25 +154,22 @@ class ModelManager:
 
     # -- the request path --------------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def lease(self, key: str | ModelKey, wait_timeout_s: float | None = None) -> AsyncIterator[ModelRecord]:
+    def lease(self, key: str | ModelKey, wait_timeout_s: float | None = None) -> Lease:
         """Make `key` ready (staging and loading it if needed) and hold it loaded while the block runs."""
-        model = self._resolve(key)
-        rec = await self._acquire(model, self.config.wait_timeout_s if wait_timeout_s is None else wait_timeout_s)
-        self.metrics.in_flight.inc()
-        try:
-            yield rec
-        finally:
-            rec.leases -= 1
-            rec.last_used = time.monotonic()
-            self.metrics.in_flight.dec()
-            if rec.leases == 0:
-                self.budget.model_idle()
-            if not rec.used_since_measured:  # a first request grows a model most (arenas, lazy imports)
-                rec.used_since_measured = True
-                self.budget.first_use()
-            if not self.config.model_cache_enabled and rec.leases == 0 and rec.source is None:
-                self._spawn(self._evict(rec, reason="cache_disabled", delete=True))
+        return Lease(self, key, self.config.wait_timeout_s if wait_timeout_s is None else wait_timeout_s)
+
+    def _release(self, rec: ModelRecord) -> None:
+        """The end of a lease: the model may be evicted once no lease holds it."""
+        rec.leases -= 1
+        rec.last_used = time.monotonic()
+        self.metrics.in_flight.dec()
+        if rec.leases == 0:
+            self.budget.model_idle()
+        if not rec.used_since_measured:  # a first request grows a model most (arenas, lazy imports)
+            rec.used_since_measured = True
+            self.budget.first_use()
+        if not self.config.model_cache_enabled and rec.leases == 0 and rec.source is None:
+            self._spawn(self._evict(rec, reason="cache_disabled", delete=True))
 
     async def ensure_ready(self, key: str | ModelKey, wait_timeout_s: float | None = None) -> ModelRecord:
         """Load `key` without holding it (metadata calls, explicit loads)."""
@@ -510,3 +507,24 @@ class ModelManager:
             extra={"loaded": sum(1 for r in self._records.values() if r.state is State.READY),
                    "staged": len(staged_names), "committed_bytes": self.committed_bytes()},
         )
+
+
+class Lease:
+    """`ModelManager.lease`: an async context manager written as a class, because it is on every request's
+    path, where a generator-based one costs a few microseconds more each way."""
+
+    __slots__ = ("manager", "key", "wait_timeout_s", "rec")
+
+    def __init__(self, manager: ModelManager, key: str | ModelKey, wait_timeout_s: float) -> None:
+        self.manager, self.key, self.wait_timeout_s = manager, key, wait_timeout_s
+        self.rec: ModelRecord | None = None
+
+    async def __aenter__(self) -> ModelRecord:
+        manager = self.manager
+        rec = self.rec = await manager._acquire(manager._resolve(self.key), self.wait_timeout_s)
+        manager.metrics.in_flight.inc()
+        return rec
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self.rec is not None
+        self.manager._release(self.rec)
