@@ -22,10 +22,10 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 from google.protobuf.message import Message
-from tritonclient.grpc import service_pb2 as pb
 
 from gateway.errors import (
     GatewayError,
+    InvalidRequest,
     ModelBusy,
     ModelNotFound,
     ModelNotReady,
@@ -33,6 +33,7 @@ from gateway.errors import (
     Throttled,
     UpstreamTimeout,
 )
+from gateway.grpc_wire import RequestScan, WireError, rename, renamed, scan_request
 from gateway.infer_limits import check_grpc_request, check_http_request
 from gateway.manager import ModelManager
 from gateway.naming import ModelKey
@@ -135,6 +136,15 @@ def rename_message(message: Message, triton_name: str, key: str) -> None:
 
 def upstream_error(exc: grpc.aio.AioRpcError, names: Mapping[str, str]) -> TritonRpcError:
     return TritonRpcError(exc.code(), rename_text(exc.details() or exc.code().name, names))
+
+
+def scan_grpc_request(raw: bytes) -> RequestScan:
+    """A serialized ModelInferRequest scanned (`gateway.grpc_wire`); bytes no protobuf parser would accept
+    are the client's error (400, INVALID_ARGUMENT), counted like any other refusal."""
+    try:
+        return scan_request(raw)
+    except WireError as exc:
+        raise InvalidRequest(f"malformed ModelInferRequest: {exc}") from None
 
 
 _HTTP_FOR_GRPC = {
@@ -309,26 +319,25 @@ class DataPlane:
                 outcome.status = answer.status
                 return answer
 
-    async def infer_grpc(self, request: pb.ModelInferRequest, protocol: str, timeout_s: float,
-                         wait_s: float | None = None) -> bytes:
-        """KServe v2 gRPC inference: only `model_name` is rewritten each way; tensors pass as bytes."""
-        key = request.model_name
+    async def infer_grpc(self, raw: bytes, protocol: str, timeout_s: float, wait_s: float | None = None) -> bytes:
+        """KServe v2 gRPC inference on a serialized ModelInferRequest: scanned for the checks and the
+        TargetModel, never parsed whole; only `model_name` is rewritten each way (`gateway.grpc_wire`), so
+        tensors pass as bytes, which the gateway copies once each way (the join that writes the new name)."""
         with Outcome(self.metrics, protocol) as outcome:  # `serving` without its generator layer, as in `infer`
+            request = scan_grpc_request(raw)
             check_grpc_request(request, self.max_request_bytes)
+            key = request.model_name
             async with self.holding(key, wait_s) as rec:
-                request.model_name = rec.name
                 try:
                     with Watch(self.manager, rec, key, timeout_s, ours=timeout_s >= self.infer_timeout_s):
-                        raw = await self.grpc.infer(request.SerializeToString(), timeout_s)
+                        answer = await self.grpc.infer(renamed(raw, request, rec.name), timeout_s)
                 except grpc.aio.AioRpcError as exc:
                     if _UNKNOWN_MODEL.decode() in (exc.details() or "") and not request.model_version:
                         self._lost(rec, key)
                     outcome.status = http_status(exc.code())
                     raise upstream_error(exc, {rec.name: key}) from None
             outcome.status = 200
-        response = pb.ModelInferResponse.FromString(raw)
-        response.model_name = key
-        return response.SerializeToString()
+        return rename(answer, key)[1]
 
     async def metadata_json(self, rec: ModelRecord) -> dict[str, Any] | Forwarded:
         """A held model's KServe metadata (inputs, outputs), cached per artifact version; Triton's error

@@ -1,7 +1,9 @@
-"""Triton's gRPC data API over one pooled `grpc.aio` channel: inference as raw bytes, model resources typed.
+"""Triton's gRPC API over one pooled `grpc.aio` channel: inference as serialized bytes, the rest typed.
 
-ModelInfer and ModelStreamInfer are called without (de)serializers, bytes in and bytes out, so tensors are
-never decoded or copied into Python objects on their way through; the other calls use the typed stub.
+ModelInfer and ModelStreamInfer are called without (de)serializers, bytes in and bytes out: the callers
+edit the messages in their wire format (`gateway.grpc_wire`), so raw tensors (`raw_input_contents`,
+`raw_output_contents`) are never parsed into protobuf or Python objects on their way through. The
+model-resource and server calls use the typed stub.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class TritonGrpc:
             self._channel = None
 
     async def infer(self, request: bytes, timeout: float) -> bytes:
-        """One serialized ModelInferRequest in, Triton's serialized ModelInferResponse out."""
+        """One serialized ModelInferRequest in, Triton's serialized ModelInferResponse out (the gateway's
+        TargetModel already replaced by Triton's name; the caller puts it back in the answer)."""
         assert self._infer is not None, "TritonGrpc.start() not called"
         return await self._infer(request, timeout=timeout)
 

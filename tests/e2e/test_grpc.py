@@ -210,6 +210,40 @@ def test_stream_infer_forwards_and_reports_refused_requests_in_the_stream(client
     assert index(client)[key] == "UNAVAILABLE"
 
 
+def test_requests_are_read_on_the_wire_as_any_protobuf_parser_would(s3_gateway, models) -> None:
+    """Hand-made bytes, not tritonclient's: fields in another order, the name twice (the last one counts), an
+    unknown field (forwarded), and malformed messages (INVALID_ARGUMENT, counted as 400), unary and streamed."""
+    key = "grpc/Denver_CO.tar.gz"
+    tensor = HOUSES.tobytes()
+    inputs = service_pb2.ModelInferRequest()
+    inputs.inputs.add(name="features", datatype="FP32", shape=list(HOUSES.shape))
+    raw_field = service_pb2.ModelInferRequest(raw_input_contents=[tensor]).SerializeToString()
+    last = service_pb2.ModelInferRequest(model_name=key, id="r").SerializeToString()
+    reordered = (raw_field + service_pb2.ModelInferRequest(model_name="grpc/not-this-one.tar.gz").SerializeToString()
+                 + b"\xa2\x06\x03abc"  # field 100: unknown to Triton too, which ignores it
+                 + inputs.SerializeToString() + last)
+    malformed = b"\x0a\x05ab"  # a name longer than the message
+    bad_before = s3_gateway.metric("mme_requests_total", {"protocol": "kserve_grpc", "status": "400"})
+    with grpc.insecure_channel(s3_gateway.grpc_url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        answer = service_pb2.ModelInferResponse.FromString(infer(reordered, timeout=60))
+        assert answer.model_name == key and answer.id == "r"
+        prices = np.frombuffer(answer.raw_output_contents[0], dtype=np.float32)
+        np.testing.assert_allclose(prices, predict("Denver_CO", HOUSES).ravel(), rtol=1e-4)
+        with pytest.raises(grpc.RpcError) as error:
+            infer(malformed, timeout=10)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.value.details().startswith("malformed ModelInferRequest: ")
+
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        answers = [service_pb2.ModelStreamInferResponse.FromString(a)
+                   for a in stream(iter([malformed, reordered]), timeout=60)]
+    assert answers[0].error_message.startswith("malformed ModelInferRequest: ")
+    assert answers[1].error_message == "" and answers[1].infer_response.model_name == key
+    assert answers[1].infer_response.id == "r"
+    assert s3_gateway.metric("mme_requests_total", {"protocol": "kserve_grpc", "status": "400"}) == bad_before + 2
+
+
 @pytest.mark.skipif(not PERF_ANALYZER.exists(), reason="perf_analyzer not installed (make perf-analyzer)")
 def test_perf_analyzer_over_grpc_measures_a_cold_model(s3_gateway, models) -> None:
     key = "grpc/perf/Phoenix_AZ.tar.gz"

@@ -20,6 +20,7 @@ from gateway.api.grpc_auth import OPEN as GRPC_OPEN
 from gateway.api.grpc_auth import method_scope
 from gateway.api.guard import ANY_KEY, OPEN, is_sagemaker_runtime, required_scope
 from gateway.errors import InvalidModelKey, InvalidRequest, ModelNotFound, RequestTooLarge, UnsupportedEncoding
+from gateway.grpc_wire import scan_request
 from gateway.infer_limits import check_grpc_request, check_http_request, inflate
 from gateway.keys import KeyRing, digest, key_line, new_key, parse_keys
 from gateway.naming import validate_key
@@ -192,21 +193,66 @@ def test_compressed_bodies_inflate_under_the_cap_only() -> None:
         inflate("m", gzip.compress(body)[:-12], "gzip", 1 << 20)
 
 
+def _checked(request: pb.ModelInferRequest, cap: int = 1 << 20) -> None:
+    """As the data plane does it: a scan of the serialized request, then the checks."""
+    check_grpc_request(scan_request(request.SerializeToString()), cap)
+
+
 def test_grpc_requests_are_checked_alike() -> None:
     request = pb.ModelInferRequest(model_name="m")
     request.inputs.add(name="x", datatype="FP32", shape=[1, 6])
     request.raw_input_contents.append(bytes(24))
-    check_grpc_request(request, 1 << 20)
+    _checked(request)
     request.inputs[0].shape[:] = [3_000_000, 6]
     with pytest.raises(RequestTooLarge):
-        check_grpc_request(request, 1 << 20)
+        _checked(request)
     request.inputs[0].shape[:] = [2, 6]
     with pytest.raises(InvalidRequest, match="carries 24"):
-        check_grpc_request(request, 1 << 20)
+        _checked(request)
     typed = pb.ModelInferRequest(model_name="m")
     typed.inputs.add(name="x", datatype="INT32", shape=[3]).contents.int_contents.extend([1, 2])
     with pytest.raises(InvalidRequest, match="hold 2"):
-        check_grpc_request(typed, 1 << 20)
+        _checked(typed)
+    typed.inputs[0].contents.int_contents.append(3)
+    _checked(typed)
+
+
+def test_every_grpc_refusal_names_the_model_and_the_input() -> None:
+    with pytest.raises(InvalidRequest, match="'m': the request has no inputs"):
+        _checked(pb.ModelInferRequest(model_name="m"))
+    two = pb.ModelInferRequest(model_name="m")
+    two.inputs.add(name="a", datatype="FP32", shape=[1])
+    two.inputs.add(name="b", datatype="FP32", shape=[1])
+    two.raw_input_contents.append(bytes(4))
+    with pytest.raises(InvalidRequest, match="1 raw_input_contents for 2 inputs"):
+        _checked(two)
+    negative = pb.ModelInferRequest(model_name="m")
+    negative.inputs.add(name="x", datatype="FP32", shape=[-1, 6])
+    with pytest.raises(InvalidRequest, match="'x' has shape \\[-1, 6\\]"):
+        _checked(negative)
+    odd = pb.ModelInferRequest(model_name="m")
+    odd.inputs.add(name="x", datatype="FP8", shape=[1])
+    with pytest.raises(InvalidRequest, match="datatype 'FP8'"):
+        _checked(odd)
+    shared = pb.ModelInferRequest(model_name="m")
+    shared.inputs.add(name="x", datatype="FP32", shape=[1]).parameters["shared_memory_region"].string_param = "r"
+    with pytest.raises(InvalidRequest, match="'x': shared memory is not available"):
+        _checked(shared)
+    strings = pb.ModelInferRequest(model_name="m")
+    strings.inputs.add(name="s", datatype="BYTES", shape=[2])
+    strings.raw_input_contents.append(b"\x01\x00\x00\x00a\x01\x00\x00\x00b")  # BYTES: at least 4 bytes a string
+    _checked(strings)
+    strings.raw_input_contents[0] = b"\x01\x00\x00"
+    with pytest.raises(InvalidRequest, match="carries 3"):
+        _checked(strings)
+    with pytest.raises(RequestTooLarge, match="limit of 100 bytes"):
+        _checked(_declaring([30, 1]), cap=100)
+
+
+def _declaring(shape: list[int]) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="x", datatype="FP32", shape=shape)
+    return request
 
 
 def test_a_key_segment_over_255_bytes_is_refused_and_messages_stay_short() -> None:
