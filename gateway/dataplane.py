@@ -35,13 +35,13 @@ from gateway.errors import (
 )
 from gateway.grpc_wire import RequestScan, WireError, rename, renamed, scan_request
 from gateway.infer_limits import check_grpc_request, check_http_request
-from gateway.manager import ModelManager
+from gateway.manager import Lease, ModelManager
 from gateway.naming import ModelKey
 from gateway.metrics import Metrics
 from gateway.records import ModelRecord, State
 from gateway.redact import public
 from gateway.triton.grpc import TritonGrpc, TritonRpcError
-from gateway.triton.http import Forwarded, TritonHttp
+from gateway.triton.http import Body, Forwarded, TritonHttp
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ def restore_model_name(answer: Forwarded, triton_name: str, key: str) -> Forward
     head = answer.body[:n].replace(needle, replacement, 1)
     if len(head) == n:
         return answer
-    return Forwarded(answer.status, {**answer.headers, _HEADER_LENGTH: str(len(head))}, head + answer.body[n:])
+    rest = memoryview(answer.body)[n:]  # the tensors: copied once, into the answer, not sliced first
+    return Forwarded(answer.status, {**answer.headers, _HEADER_LENGTH: str(len(head))}, b"".join((head, rest)))
 
 
 def public_error_body(text: str) -> str:
@@ -222,6 +223,46 @@ class Watch:
         return isinstance(exc, grpc.aio.AioRpcError) and exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Capped:
+    """`DataPlane.holding` with a concurrency cap: a slot first (waiting at most --queue-timeout, then 429),
+    then the lease. A class, not a generator: it is on the hot path, and a free slot is taken without
+    starting a timeout."""
+
+    __slots__ = ("dp", "key", "wait_s", "lease")
+
+    def __init__(self, dp: DataPlane, key: str | ModelKey, wait_s: float | None) -> None:
+        self.dp, self.key, self.wait_s = dp, key, wait_s
+        self.lease: Lease | None = None
+
+    async def __aenter__(self) -> ModelRecord:
+        dp = self.dp
+        slots = dp._slots
+        assert slots is not None
+        if not slots.locked():
+            await slots.acquire()  # free: returns at once
+        else:
+            try:
+                await asyncio.wait_for(slots.acquire(), timeout=dp.queue_timeout_s)
+            except asyncio.TimeoutError:
+                raise Throttled(
+                    f"all {dp.max_concurrency} invocation slots stayed busy for {dp.queue_timeout_s:.0f}s "
+                    f"(model {str(self.key)!r}); retry with backoff") from None
+        try:
+            self.lease = dp.manager.lease(self.key, self.wait_s)
+            return await self.lease.__aenter__()
+        except BaseException:
+            slots.release()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            assert self.lease is not None
+            await self.lease.__aexit__(*exc_info)
+        finally:
+            assert self.dp._slots is not None
+            self.dp._slots.release()
+
+
 @dataclass(frozen=True)
 class IndexRow:
     key: str
@@ -257,22 +298,7 @@ class DataPlane:
         cap, the lease alone (no extra layer on the hot path)."""
         if self._slots is None:
             return self.manager.lease(key, wait_s)
-        return self._capped(key, wait_s)
-
-    @contextlib.asynccontextmanager
-    async def _capped(self, key: str | ModelKey, wait_s: float | None) -> AsyncIterator[ModelRecord]:
-        assert self._slots is not None
-        try:
-            await asyncio.wait_for(self._slots.acquire(), timeout=self.queue_timeout_s)
-        except asyncio.TimeoutError:
-            raise Throttled(
-                f"all {self.max_concurrency} invocation slots stayed busy for {self.queue_timeout_s:.0f}s "
-                f"(model {str(key)!r}); retry with backoff") from None
-        try:
-            async with self.manager.lease(key, wait_s) as rec:
-                yield rec
-        finally:
-            self._slots.release()
+        return Capped(self, key, wait_s)
 
     @contextlib.asynccontextmanager
     async def serving(self, key: str | ModelKey, protocol: str,
@@ -284,7 +310,7 @@ class DataPlane:
 
     # -- inference --------------------------------------------------------------------------------------------
 
-    async def forward_infer(self, rec: ModelRecord, key: str, body: bytes, headers: Mapping[str, str],
+    async def forward_infer(self, rec: ModelRecord, key: str, body: Body, headers: Mapping[str, str],
                             version: str | None = None) -> Forwarded:
         """POST a KServe v2 HTTP infer body for a held model; the answer names `key`, errors included."""
         path = f"/v2/models/{rec.name}" + (f"/versions/{version}" if version else "") + "/infer"
@@ -303,12 +329,12 @@ class DataPlane:
         self.manager.lost([rec])
         raise ModelNotReady(f"model {key!r} is being loaded again (Triton lost it); retry shortly")
 
-    def checked_body(self, key: str, body: bytes, headers: Mapping[str, str]) -> tuple[bytes, dict[str, str]]:
+    def checked_body(self, key: str, body: Body, headers: Mapping[str, str]) -> tuple[Body, dict[str, str]]:
         """A KServe v2 HTTP infer body and the headers to forward with it, once its declared tensors are
         consistent and within the cap (see `gateway.infer_limits`); before any model is loaded for it."""
         return check_http_request(key, body, headers, self.max_request_bytes)
 
-    async def infer(self, key: str, body: bytes, headers: Mapping[str, str], protocol: str,
+    async def infer(self, key: str, body: Body, headers: Mapping[str, str], protocol: str,
                     version: str | None = None) -> Forwarded:
         """KServe v2 HTTP inference: the body reaches Triton as sent (inflated if it was compressed).
         `serving` without its generator layer: this is nearly every request."""

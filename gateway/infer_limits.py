@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import InvalidRequest, RequestTooLarge, UnsupportedEncoding
+from gateway.triton.http import Body
 
 if TYPE_CHECKING:
     from gateway.grpc_wire import RequestScan
@@ -95,22 +96,44 @@ def _parse_header(key: str, text: bytes) -> dict[str, Any]:
     return request
 
 
-def check_http_request(key: str, body: bytes, headers: Mapping[str, str], cap: int) -> tuple[bytes, dict[str, str]]:
-    """The body to forward and the headers to forward with it (inflated: no Content-Encoding), or an error."""
+def _prefix(parts: Sequence[bytes], n: int) -> bytes:
+    """The first `n` bytes of a body that arrived in parts (a copy of those bytes only)."""
+    first = parts[0]
+    if len(first) >= n:
+        return first if len(first) == n else first[:n]
+    taken, need = [], n
+    for part in parts:
+        taken.append(part[:need])
+        need -= len(taken[-1])
+        if need <= 0:
+            break
+    return b"".join(taken)
+
+
+def check_http_request(key: str, body: Body, headers: Mapping[str, str], cap: int) -> tuple[Body, dict[str, str]]:
+    """The body to forward and the headers to forward with it (inflated: no Content-Encoding), or an error.
+    A body may come as the parts it arrived in: only its JSON header is read, and the tensor bytes after it
+    are forwarded as they came, never joined."""
     headers = {k.lower(): v for k, v in headers.items()}
     fwd = {k: v for k, v in headers.items() if k in ("content-type", _HEADER_LENGTH, "accept-encoding")}
+    parts: Sequence[bytes] = (body,) if isinstance(body, bytes) else body or (b"",)
     encoding = headers.get("content-encoding")
     if encoding and encoding.strip().lower() != "identity":
-        body = inflate(key, body, encoding, cap)
+        body = inflate(key, b"".join(parts), encoding, cap)
+        parts = (body,)
+    total = sum(map(len, parts))
     length_text = headers.get(_HEADER_LENGTH)
     if length_text is None:
-        header_length = len(body)
+        if len(parts) > 1:  # all of it is JSON, read whole: forward the joined copy, not the parts
+            body = b"".join(parts)
+            parts = (body,)
+        header_length = total
     else:
-        if not length_text.strip().isdigit() or int(length_text) > len(body):
+        if not length_text.strip().isdigit() or int(length_text) > total:
             raise InvalidRequest(f"TargetModel {key!r}: Inference-Header-Content-Length {length_text!r} is not a "
-                                 f"length within the {len(body)}-byte body")
+                                 f"length within the {total}-byte body")
         header_length = int(length_text)
-    request = _parse_header(key, body[:header_length])
+    request = _parse_header(key, _prefix(parts, header_length))
     binary_total, declared_total = 0, 0
     for tensor in request["inputs"]:
         name = tensor.get("name")
@@ -143,9 +166,9 @@ def check_http_request(key: str, body: bytes, headers: Mapping[str, str], cap: i
                                      f"({count} elements) but its data holds {found}")
         else:
             raise InvalidRequest(f"TargetModel {key!r}: input {name!r} has neither \"data\" nor binary data")
-    if binary_total != len(body) - header_length:
+    if binary_total != total - header_length:
         raise InvalidRequest(f"TargetModel {key!r}: the inputs' binary_data_size add up to {binary_total} bytes "
-                             f"but {len(body) - header_length} follow the JSON header")
+                             f"but {total - header_length} follow the JSON header")
     return body, fwd
 
 

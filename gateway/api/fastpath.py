@@ -21,6 +21,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _PREFIX, _SUFFIX, _VERSIONS = "/v2/models/", "/infer", "/versions/"
+# The request headers the data plane reads (all others are the gateway's, or nobody's, business).
+_WANTED = frozenset((b"content-type", b"inference-header-content-length", b"content-encoding", b"accept-encoding"))
 
 
 def parse_infer_path(path: str) -> tuple[str, str | None] | None:
@@ -52,16 +54,19 @@ class InferFastPath:
             self.dp.metrics.count_request("kserve_http", exc.status)
             return await error_response(exc)(scope, receive, send)
         try:
-            chunks = []
+            parts = []  # forwarded as they arrived: a large tensor is never joined into one more copy
             while True:
                 message = await receive()
                 if message["type"] != "http.request":
                     return  # the client went away
-                chunks.append(message.get("body", b""))
+                body = message.get("body", b"")
+                if body:
+                    parts.append(body)
                 if not message.get("more_body"):
                     break
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            answer = await self.dp.infer(key, b"".join(chunks), headers, "kserve_http", version)
+            headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in _WANTED}
+            answer = await self.dp.infer(key, parts[0] if len(parts) == 1 else parts, headers, "kserve_http",
+                                         version)
         except GatewayError as exc:  # errors are rare: the Starlette app's own answers, as ASGI apps
             return await error_response(exc)(scope, receive, send)
         except Exception as exc:
