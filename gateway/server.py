@@ -21,7 +21,7 @@ from gateway.api.guard import Guard, SigV4Credentials
 from gateway.api.http import build_app
 from gateway.api.sagemaker_container import ContainerApi
 from gateway.api.kserve_grpc import GrpcEdge
-from gateway.api.read_timeouts import protocol_with_timeouts
+from gateway.api.http_protocol import http_protocol
 from gateway.app import Gateway
 from gateway.config import Settings, flag
 from gateway.keys import KeyRing
@@ -114,7 +114,7 @@ def run(settings: Settings) -> int:
     _, app, edges = application(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, loop="uvloop",
-        http=protocol_with_timeouts(settings.header_timeout_s, settings.body_timeout_s),
+        http=http_protocol(settings.header_timeout_s, settings.body_timeout_s),
         log_config=None, lifespan="on", access_log=False, timeout_graceful_shutdown=int(_DRAIN_S),
     )
     server = DrainingServer(config, edges)
