@@ -112,6 +112,7 @@ class ModelManager:
         self._hit = metrics.cache_requests.labels(result="hit")  # labels() costs microseconds per request
         self._miss = metrics.cache_requests.labels(result="miss")
         self._background: set[asyncio.Task[object]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # see `loop`
         if staging.budget_bytes is not None:
             metrics.disk_budget.set(staging.budget_bytes)
 
@@ -138,6 +139,15 @@ class ModelManager:
 
     def _source(self, rec: ModelRecord) -> ArtifactStore:
         return rec.source or self.store
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the gateway serves on, looked up once per loop: on Python 3.11 each
+        asyncio.get_running_loop() is a getpid() system call, several microseconds on the request path."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _record(self, model: ModelKey) -> ModelRecord:
         rec = self._records.get(model.triton_name)
@@ -180,8 +190,9 @@ class ModelManager:
         return rec
 
     async def _acquire(self, model: ModelKey, wait_timeout_s: float) -> ModelRecord:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        # time.monotonic, not the loop's clock: on Python 3.11 asyncio.get_running_loop() is a getpid() system
+        # call, and this runs on every request
+        started = time.monotonic()
         deadline = started + wait_timeout_s
         rec = self._record(model)
         hit = rec.state is State.READY  # SageMaker's ModelCacheHit: loaded when the invocation arrived
@@ -198,7 +209,7 @@ class ModelManager:
                     self.policy.record_hit(rec.name)
                 else:
                     rec.misses += 1
-                    self.metrics.loading_wait.observe(loop.time() - started)
+                    self.metrics.loading_wait.observe(time.monotonic() - started)
                 return rec
             if not self.triton_up:  # no load can succeed now; say "retry" at once instead of queueing loads
                 raise TritonUnavailable(f"model {model.key!r} cannot be loaded while Triton restarts; retry shortly")
@@ -206,7 +217,7 @@ class ModelManager:
             if task is None or task.done():
                 task = rec.pipeline = asyncio.create_task(self._pipeline(rec), name=f"pipeline:{model.triton_name}")
                 task.add_done_callback(_consume_exception)
-            remaining = deadline - loop.time()
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ModelNotReady(f"model {model.key!r} is still loading; retry shortly")
             rec.waiters += 1  # the load is this caller's first: no eviction until it has taken its lease

@@ -149,8 +149,11 @@ class TritonHttp:
         self._slots = asyncio.Semaphore(max_connections)
         self._open: set[_Connection] = set()
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
+        # The loop is looked up once: on Python 3.11 each asyncio.get_running_loop() is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
         self._closed = False
 
     async def close(self) -> None:
@@ -168,7 +171,7 @@ class TritonHttp:
         is ever sent twice."""
         length = 0 if body is None else len(body) if isinstance(body, bytes) else sum(map(len, body))
         head = self._head(method, path, length if body is not None or method in ("POST", "PUT") else None, headers)
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         for attempt in (1, 2):
             await self._slots.acquire()
