@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -68,6 +69,12 @@ def rename_text(text: str, names: Mapping[str, str]) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=4096)
+def _name_fields(triton_name: str, key: str) -> tuple[bytes, bytes]:
+    """`"model_name":"<internal>"` as Triton writes it, and the same field naming the TargetModel."""
+    return b'"model_name":"' + triton_name.encode() + b'"', b'"model_name":' + json.dumps(key).encode()
+
+
 def restore_model_name(answer: Forwarded, triton_name: str, key: str) -> Forwarded:
     """Put the client's TargetModel back where Triton wrote its internal name.
 
@@ -80,8 +87,7 @@ def restore_model_name(answer: Forwarded, triton_name: str, key: str) -> Forward
     if answer.status >= 400:
         text = answer.body.replace(triton_name.encode(), key.encode()).decode("utf-8", "replace")
         return Forwarded(answer.status, answer.headers, public_error_body(text).encode())
-    needle = b'"model_name":"' + triton_name.encode() + b'"'
-    replacement = b'"model_name":' + json.dumps(key).encode()
+    needle, replacement = _name_fields(triton_name, key)
     header_length = answer.headers.get(_HEADER_LENGTH)
     if header_length is None:
         return Forwarded(answer.status, answer.headers, answer.body.replace(needle, replacement, 1))
@@ -198,7 +204,7 @@ class Watch:
         self.task: asyncio.Task[object] | None = None
 
     def __enter__(self) -> Watch:
-        self.task = asyncio.current_task()
+        self.task = asyncio.current_task(self.manager.loop)
         self.rec.inflight.add(self.task)  # type: ignore[arg-type]
         return self
 

@@ -85,7 +85,7 @@ def declared_bytes(key: str, name: str, datatype: Any, count: int) -> int:
 
 def _parse_header(key: str, text: bytes) -> dict[str, Any]:
     try:
-        request = json.loads(text)
+        request = json.loads(text.decode())  # decoded here: json's own encoding sniffing costs more
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"TargetModel {key!r}: the request is not valid JSON ({exc})") from None
     if not isinstance(request, dict):

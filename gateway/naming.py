@@ -39,6 +39,7 @@ def _shown(key: str) -> str:
 
 
 @functools.lru_cache(maxsize=65536)  # every request validates its key; refusals raise and are not cached
+@functools.lru_cache(maxsize=65536)  # every request validates its key; a refused key raises, and is not kept
 def validate_key(key: str) -> str:
     """Return `key` if it is a safe relative key under the store prefix, else raise InvalidModelKey.
 
