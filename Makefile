@@ -35,8 +35,10 @@ bench: demo-store
 bench-cache: $(STAMP)
 	$(VENV)/bin/python benchmarks/cache_policies.py
 
+# About ten minutes: direct, nginx, a bare forwarder and the gateway, HTTP and gRPC, three interleaved passes each.
 bench-overhead: $(STAMP)
-	$(VENV)/bin/python benchmarks/overhead.py
+	scripts/install-nginx.sh
+	$(VENV)/bin/python benchmarks/overhead.py --out bench-results/overhead.json
 
 # Three gateways behind routers (~4 minutes): LOR vs random under heavy-tailed latency, cold loads with and without affinity.
 bench-routing: $(STAMP)
