@@ -1,23 +1,30 @@
-"""uvicorn's httptools protocol with what the gateway adds: two read timeouts, and one write per response.
+"""uvicorn's httptools protocol plus the gateway's read timeouts, one write per response, bodies as they came.
 
 Read timeouts. uvicorn bounds only the idle time between keep-alive requests. A client that opens a
 connection and sends its headers a byte at a time, or stops half-way through a body, holds a connection and
 its request task for as long as it likes; a few hundred of them exhaust the server. Here the headers of each
 request must arrive within `--header-timeout` of its first byte (or of the connection), and a body may not
 stall for longer than `--body-timeout` between two chunks; past either the client gets a 408 and the
-connection is closed. The timers are armed and reset per request and per chunk (a timer handle each),
-nothing per byte.
+connection is closed. A timer is armed per request (one for the headers, one for the body); a body chunk
+only notes when it came, nothing per byte.
 
 One write per response. uvicorn writes a response's head when the app sends `http.response.start` and its
 body when the app sends `http.response.body`: two system calls, and two wakeups of the client, for every
 answer. Writing to a socket is the largest single cost of the gateway's hop (on a 2-core VM a loopback
 write measured tens of microseconds), so each request's cycle writes through `OneWrite`, which holds the
 head until the body's first write and sends both together.
+
+Request bodies as they arrived. uvicorn gathers a body into a bytearray and hands the app a bytes copy of it,
+pausing the socket every 64 KiB until the app has taken what came: a 1 MiB tensor is copied twice and
+crosses the event loop sixteen times. Here each cycle's body is a `StreamedBody`: the chunks the parser
+produced, handed to the app one per `receive()` without a copy, with reading paused only past 4 MiB
+buffered on one connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Any
 
@@ -26,6 +33,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 log = logging.getLogger(__name__)
 
 _JOIN_BELOW = 1 << 16  # a smaller body is joined to the head; a larger one goes out beside it, not copied
+_HIGH_WATER = 1 << 22  # bytes of request body buffered on one connection before reading pauses
 
 _408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
         b"content-length: %d\r\n\r\n%s")
@@ -36,12 +44,24 @@ class OneWrite:
     start is held and sent with the first body write (or when the response completes, or the connection is
     closed, whichever comes first). Everything else passes straight to the real transport."""
 
-    __slots__ = ("transport", "cycle", "head", "started")
+    __slots__ = ("transport", "cycle", "head", "started", "on_response")
 
     def __init__(self, transport: Any, cycle: Any) -> None:
         self.transport, self.cycle = transport, cycle
         self.head: bytes | None = None
         self.started = False  # the head has been seen
+        self.on_response = cycle.on_response  # the protocol's callback when this cycle's response is complete
+
+    @classmethod
+    def install(cls, cycle: Any) -> None:
+        """Make `cycle` write through a OneWrite, which sends a held head when that cycle's response ends
+        (a HEAD answer has no body write; with pipelining the protocol's current cycle is another one)."""
+        one = cls(cycle.transport, cycle)
+        cycle.transport, cycle.on_response = one, one.responded
+
+    def responded(self) -> None:
+        self.flush()
+        self.on_response()
 
     def write(self, data: bytes) -> None:
         if not self.started and self.cycle.response_started:  # uvicorn's first write once started: the head
@@ -70,15 +90,70 @@ class OneWrite:
         return getattr(self.transport, name)
 
 
+class StreamedBody:
+    """One request's body as the parser delivered it, and the `receive()` the app gets for it (in place of
+    uvicorn's, with the same answers: body chunks, then `http.disconnect` once the client has gone or the
+    response is complete)."""
+
+    __slots__ = ("cycle", "flow", "parts", "buffered", "ended")
+
+    def __init__(self, cycle: Any, flow: Any) -> None:
+        self.cycle, self.flow = cycle, flow
+        self.parts: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.ended = False  # the app has been given the body's last chunk
+
+    def add(self, chunk: bytes) -> None:
+        self.parts.append(chunk)
+        self.buffered += len(chunk)
+        if self.buffered > _HIGH_WATER:
+            self.flow.pause_reading()
+        self.cycle.message_event.set()
+
+    async def receive(self) -> dict[str, Any]:
+        cycle = self.cycle
+        if cycle.waiting_for_100_continue and not cycle.transport.is_closing():
+            cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            cycle.waiting_for_100_continue = False
+        while not (cycle.disconnected or cycle.response_complete):
+            parts = self.parts
+            if parts:
+                chunk = parts.popleft()
+                self.buffered -= len(chunk)
+                if self.buffered <= _HIGH_WATER:
+                    self.flow.resume_reading()
+                more = bool(parts) or cycle.more_body
+                self.ended = not more
+                return {"type": "http.request", "body": chunk, "more_body": more}
+            if not cycle.more_body and not self.ended:  # an empty body, or one already ended by an empty chunk
+                self.ended = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            self.flow.resume_reading()
+            cycle.message_event.clear()  # no await since the checks above: nothing set in between is lost
+            await cycle.message_event.wait()
+        return {"type": "http.disconnect"}
+
+
 def http_protocol(header_timeout_s: float, body_timeout_s: float) -> type[HttpToolsProtocol]:
-    """A protocol class for `uvicorn.Config(http=...)`: both read bounds, one write per response."""
+    """A protocol class for `uvicorn.Config(http=...)`: both read bounds, one write per response, bodies as
+    they arrived."""
 
     class GatewayHttpProtocol(HttpToolsProtocol):
         _read_timer: asyncio.TimerHandle | None = None
+        _body_seen = 0.0  # the loop time the last body chunk arrived
 
         def _arm(self, seconds: float, what: str) -> None:
             self._disarm()
             self._read_timer = self.loop.call_later(seconds, self._timed_out, what)
+
+        def _body_stalled(self) -> None:
+            """The body timer fired: a stall only if no chunk came for the whole bound (a chunk only notes
+            its time, so a large body costs one timer, not one per chunk)."""
+            left = self._body_seen + body_timeout_s - self.loop.time()
+            if left > 0:
+                self._read_timer = self.loop.call_later(left, self._body_stalled)
+            else:
+                self._timed_out("body")
 
         def _disarm(self) -> None:
             if self._read_timer is not None:
@@ -118,24 +193,25 @@ def http_protocol(header_timeout_s: float, body_timeout_s: float) -> type[HttpTo
             super().on_headers_complete()
             cycle = self.cycle
             if cycle is not None and not isinstance(cycle.transport, OneWrite):  # the request's new cycle
-                cycle.transport = OneWrite(cycle.transport, cycle)
+                OneWrite.install(cycle)
+                cycle.streamed = StreamedBody(cycle, self.flow)
+                cycle.receive = cycle.streamed.receive  # run_asgi passes self.receive: it starts after this
             if self.cycle is not None and self.cycle.more_body and not self.parser.should_upgrade():
-                self._arm(body_timeout_s, "body")
+                self._disarm()
+                self._body_seen = self.loop.time()
+                self._read_timer = self.loop.call_later(body_timeout_s, self._body_stalled)
             else:
                 self._disarm()
 
         def on_body(self, body: bytes) -> None:
-            super().on_body(body)
-            self._arm(body_timeout_s, "body")
+            cycle = self.cycle
+            if cycle.response_complete or (self.parser.should_upgrade() and self._should_upgrade()):
+                return  # answered already (a refusal before the body was read): the rest is dropped
+            cycle.streamed.add(body)
+            self._body_seen = self.loop.time()
 
         def on_message_complete(self) -> None:
             self._disarm()
             super().on_message_complete()
-
-        def on_response_complete(self) -> None:
-            cycle = self.cycle
-            if cycle is not None and isinstance(cycle.transport, OneWrite):
-                cycle.transport.flush()  # a response with no body write (HEAD) sends its head now
-            super().on_response_complete()
 
     return GatewayHttpProtocol
