@@ -138,6 +138,16 @@ def _text(buf: Buffer, start: int, stop: int, what: str) -> str:
         raise WireError(f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
+def string_field(buf: Buffer, number: int) -> str:
+    """The string a parser reads from field `number` of a message: the last occurrence wins, "" when absent.
+    For the router, which routes by the model a request names without parsing it."""
+    found = ""
+    for tag, _, start, stop in fields(buf):
+        if tag == (number << 3) | 2:
+            found = _text(buf, start, stop, f"field {number}")
+    return found
+
+
 def _name_fields(buf: Buffer) -> tuple[list[int], int, int]:
     """Every field 1 (length-delimited) as flat [start, end, start, end, ...], and the value span of the
     last one (the one a parser keeps). The walk of `fields`, inlined: this runs on every request and answer."""

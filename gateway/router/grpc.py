@@ -1,7 +1,7 @@
 """The router's gRPC side: `inference.GRPCInferenceService` forwarded as bytes, one channel per instance.
 
 Every method is registered without (de)serializers. The TargetModel is read from the request's model-name
-field by a few lines of protobuf wire decoding (`model_field`), so tensors are never parsed; the client's
+field in the wire format (`gateway.grpc_wire`), so tensors are never parsed; the client's
 metadata (`authorization` included) and deadline go upstream, and the instance's status, details and
 trailing metadata come back. ServerLive and ServerReady are the router's own answers; ModelStreamInfer
 goes, whole, to the instance its first request's model routes to.
@@ -19,6 +19,7 @@ import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as pb
 
+from gateway.grpc_wire import WireError, string_field
 from gateway.router.fleet import Fleet, Instance
 from gateway.router.metrics import RouterMetrics
 from gateway.router.table import ConnectFailed, NoInstance, RoutingTable
@@ -39,44 +40,12 @@ _NOT_FORWARDED = ("user-agent", "content-type", "te", "host")
 
 
 def model_field(raw: bytes, number: int) -> str | None:
-    """The string in field `number` of a serialized protobuf message, None when absent or unreadable."""
-    pos, end = 0, len(raw)
-
-    def varint() -> int:
-        nonlocal pos
-        shift = value = 0
-        while True:
-            if pos >= end or shift > 63:
-                raise ValueError("truncated varint")
-            byte = raw[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                return value
-            shift += 7
-
+    """The model a serialized request names in field `number` (as the gateway will read it: the last
+    occurrence), None when absent or unreadable."""
     try:
-        while pos < end:
-            tag = varint()
-            field, wire = tag >> 3, tag & 7
-            if wire == 0:
-                varint()
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            elif wire == 2:
-                length = varint()
-                if field == number:
-                    if pos + length > end:
-                        return None
-                    return raw[pos:pos + length].decode("utf-8") or None
-                pos += length
-            else:
-                return None
-    except (ValueError, UnicodeDecodeError):
+        return string_field(raw, number) or None
+    except WireError:
         return None
-    return None
 
 
 def forwarded_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, Any], ...]:

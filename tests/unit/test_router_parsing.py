@@ -95,3 +95,12 @@ def test_the_upstream_key_from_a_mounted_secret(tmp_path, monkeypatch: pytest.Mo
     assert s.upstream_api_key == "mme_abc123"
     with pytest.raises(SystemExit):
         router_settings_from_args(parse(["--instances", "a:1", "--upstream-api-key-file", str(tmp_path / "none")]))
+
+
+def test_model_field_reads_the_name_the_gateway_reads_when_it_repeats() -> None:
+    """A parser keeps the last occurrence of a field: routing by the first would send the request to an
+    instance chosen for a model it does not name."""
+    first = pb.ModelInferRequest(model_name="first.tar.gz").SerializeToString()
+    last = pb.ModelInferRequest(model_name="last.tar.gz").SerializeToString()
+    assert pb.ModelInferRequest.FromString(first + last).model_name == "last.tar.gz"
+    assert model_field(first + last, 1) == "last.tar.gz"
