@@ -180,13 +180,15 @@ def main() -> int:
     parser.add_argument("--protocols", nargs="+", default=["http", "grpc"], choices=["http", "grpc"])
     parser.add_argument("--large-concurrency", type=int, nargs="+", default=[8],
                         help="concurrency levels of the 1 MiB case")
+    parser.add_argument("--cases", nargs="+", default=["demo", "1MiB"], choices=["demo", "1MiB"])
     parser.add_argument("--out", type=Path, help="also write every pass as JSON here")
     args = parser.parse_args()
     binary = find_binary(None)
     if binary is None:
         raise SystemExit(f"{Path(sys.executable).parent / 'perf_analyzer'} missing: run `make perf-analyzer`")
-    cases = [Case("demo", SMALL, "features:1,6", 1), Case("demo", SMALL, "features:1,6", 8),
-             *(Case("1MiB", LARGE, f"tensor:1,{LARGE_WIDTH}", c) for c in args.large_concurrency)]
+    cases = [case for case in (Case("demo", SMALL, "features:1,6", 1), Case("demo", SMALL, "features:1,6", 8),
+                               *(Case("1MiB", LARGE, f"tensor:1,{LARGE_WIDTH}", c) for c in args.large_concurrency))
+             if case.name in args.cases]
 
     with tempfile.TemporaryDirectory(prefix="mme-overhead-") as tmp:
         bench = Bench(Path(tmp))
