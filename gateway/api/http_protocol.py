@@ -5,8 +5,8 @@ connection and sends its headers a byte at a time, or stops half-way through a b
 its request task for as long as it likes; a few hundred of them exhaust the server. Here the headers of each
 request must arrive within `--header-timeout` of its first byte (or of the connection), and a body may not
 stall for longer than `--body-timeout` between two chunks; past either the client gets a 408 and the
-connection is closed. A timer is armed per request (one for the headers, one for the body); a body chunk
-only notes when it came, nothing per byte.
+connection is closed. Parser callbacks only note times; a timer is armed after a read that left a request
+incomplete, so a request that arrives whole in one read (nearly all of them) costs no timer at all.
 
 One write per response. uvicorn writes a response's head when the app sends `http.response.start` and its
 body when the app sends `http.response.body`: two system calls, and two wakeups of the client, for every
@@ -140,20 +140,32 @@ def http_protocol(header_timeout_s: float, body_timeout_s: float) -> type[HttpTo
 
     class GatewayHttpProtocol(HttpToolsProtocol):
         _read_timer: asyncio.TimerHandle | None = None
-        _body_seen = 0.0  # the loop time the last body chunk arrived
+        _waiting: str | None = None  # what the connection waits for: "headers", "body", or nothing
+        _since = 0.0  # the loop time the request (or the connection) began: the headers' deadline counts from it
+        _body_seen = 0.0  # the loop time the last body chunk arrived: the body's deadline counts from it
 
-        def _arm(self, seconds: float, what: str) -> None:
-            self._disarm()
-            self._read_timer = self.loop.call_later(seconds, self._timed_out, what)
+        def _sync_timer(self) -> None:
+            """After each read: a timer while a request is incomplete, none otherwise. A request that arrives
+            whole in one read (nearly all of them) never arms one; parser callbacks only note times."""
+            if self._waiting is None:
+                self._disarm()
+            elif self._read_timer is None:
+                self._read_timer = self.loop.call_later(self._left(), self._check)
 
-        def _body_stalled(self) -> None:
-            """The body timer fired: a stall only if no chunk came for the whole bound (a chunk only notes
-            its time, so a large body costs one timer, not one per chunk)."""
-            left = self._body_seen + body_timeout_s - self.loop.time()
-            if left > 0:
-                self._read_timer = self.loop.call_later(left, self._body_stalled)
+        def _left(self) -> float:
+            if self._waiting == "headers":
+                return self._since + header_timeout_s - self.loop.time()
+            return self._body_seen + body_timeout_s - self.loop.time()
+
+        def _check(self) -> None:
+            self._read_timer = None
+            if self._waiting is None:
+                return
+            left = self._left()
+            if left > 0:  # progress since the timer was set: wait for the rest of the bound
+                self._read_timer = self.loop.call_later(left, self._check)
             else:
-                self._timed_out("body")
+                self._timed_out(self._waiting)
 
         def _disarm(self) -> None:
             if self._read_timer is not None:
@@ -179,15 +191,22 @@ def http_protocol(header_timeout_s: float, body_timeout_s: float) -> type[HttpTo
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._arm(header_timeout_s, "headers")
+            self._waiting, self._since = "headers", self.loop.time()
+            self._sync_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
+            self._waiting = None
             self._disarm()
             super().connection_lost(exc)
 
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if not self.transport.is_closing():
+                self._sync_timer()
+
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._arm(header_timeout_s, "headers")
+            self._waiting, self._since = "headers", self.loop.time()
 
         def on_headers_complete(self) -> None:
             super().on_headers_complete()
@@ -196,12 +215,10 @@ def http_protocol(header_timeout_s: float, body_timeout_s: float) -> type[HttpTo
                 OneWrite.install(cycle)
                 cycle.streamed = StreamedBody(cycle, self.flow)
                 cycle.receive = cycle.streamed.receive  # run_asgi passes self.receive: it starts after this
-            if self.cycle is not None and self.cycle.more_body and not self.parser.should_upgrade():
-                self._disarm()
-                self._body_seen = self.loop.time()
-                self._read_timer = self.loop.call_later(body_timeout_s, self._body_stalled)
+            if cycle is not None and cycle.more_body and not self.parser.should_upgrade():
+                self._waiting, self._body_seen = "body", self.loop.time()
             else:
-                self._disarm()
+                self._waiting = None
 
         def on_body(self, body: bytes) -> None:
             cycle = self.cycle
@@ -211,7 +228,7 @@ def http_protocol(header_timeout_s: float, body_timeout_s: float) -> type[HttpTo
             self._body_seen = self.loop.time()
 
         def on_message_complete(self) -> None:
-            self._disarm()
+            self._waiting = None
             super().on_message_complete()
 
     return GatewayHttpProtocol

@@ -269,6 +269,39 @@ def test_slow_headers_and_a_stalled_body_are_cut_off(gw: GatewayProcess) -> None
     assert infer(gw, bearer(INVOKE_KEY))[0] == 200  # and everyone else is served
 
 
+def test_headers_trickled_a_byte_at_a_time_are_cut_off_but_a_body_that_keeps_coming_is_served(
+        gw: GatewayProcess) -> None:
+    """The header bound counts from the request's first byte, however often bytes come; the body bound is
+    between chunks, so a slow body that keeps moving (gaps under --body-timeout 1 s, 2.4 s in all) is read."""
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as conn:
+        started = time.monotonic()
+        answer = b""
+        for byte in b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                break
+            conn.settimeout(0.25)
+            try:
+                answer += conn.recv(4096)
+            except TimeoutError:
+                continue
+            if answer:
+                break
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert time.monotonic() - started < 5
+    body = v2_request([HOUSE])
+    step = -(-len(body) // 6)  # six pieces, 0.4 s apart
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as conn:
+        conn.sendall(b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                     b"Authorization: Bearer %s\r\n\r\n" % (MODEL.encode(), len(body), INVOKE_KEY.encode()))
+        for start in range(0, len(body), step):
+            time.sleep(0.4)
+            conn.sendall(body[start:start + step])
+        answer = conn.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+
+
 def test_no_keys_means_loopback_only_unless_told_insecure(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "gateway", "serve", "--store", str(tmp_path), "--cache-dir", str(tmp_path / "c"),
                "--host", "0.0.0.0", "--port", "0", "--grpc-port", "0"]
