@@ -113,6 +113,8 @@ class ModelManager:
         self._miss = metrics.cache_requests.labels(result="miss")
         self._background: set[asyncio.Task[object]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None  # see `loop`
+        self.leased = 0  # leases held now: mme_requests_in_flight, read when scraped (no lock per request)
+        metrics.in_flight.set_function(lambda: self.leased)
         if staging.budget_bytes is not None:
             metrics.disk_budget.set(staging.budget_bytes)
 
@@ -172,7 +174,7 @@ class ModelManager:
         """The end of a lease: the model may be evicted once no lease holds it."""
         rec.leases -= 1
         rec.last_used = time.monotonic()
-        self.metrics.in_flight.dec()
+        self.leased -= 1
         if rec.leases == 0:
             self.budget.model_idle()
         if not rec.used_since_measured:  # a first request grows a model most (arenas, lazy imports)
@@ -533,7 +535,7 @@ class Lease:
     async def __aenter__(self) -> ModelRecord:
         manager = self.manager
         rec = self.rec = await manager._acquire(manager._resolve(self.key), self.wait_timeout_s)
-        manager.metrics.in_flight.inc()
+        manager.leased += 1
         return rec
 
     async def __aexit__(self, *exc_info: object) -> None:
