@@ -122,6 +122,9 @@ def test_head_and_pipelined_requests_get_whole_answers_in_order(s3_gateway: Gate
         assert status.startswith(b"HTTP/1.1 200") and json.loads(body)["name"] == "mme-gateway"
         status, _, body, rest = _read_answer(sock, rest)
         assert status.startswith(b"HTTP/1.1 200") and rest == b""
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body, rest = _read_answer(sock)
+    assert b"\nmme_requests_in_flight 0.0\n" in body  # every lease taken by the module's requests was returned
 
 
 def test_expect_100_continue_is_answered_before_the_body(s3_gateway: GatewayProcess, wire_model: str) -> None:
