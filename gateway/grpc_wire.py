@@ -104,7 +104,7 @@ def _skip(buf: Buffer, pos: int, end: int, tag: int) -> int:
 def fields(buf: Buffer) -> Iterator[tuple[int, int, int, int]]:
     """Each top-level field as (tag, start, value start, end): `buf[start:end]` is the whole field, and for a
     length-delimited one `buf[value start:end]` is its payload (for others, its encoded value). Offsets only:
-    nothing is copied. For readable code off the hot path; `scan_request` and `rename` inline this loop."""
+    nothing is copied. The one walk of a message: the scan, the renames and the router read through it."""
     pos, end = 0, len(buf)
     try:
         while pos < end:
@@ -150,35 +150,13 @@ def string_field(buf: Buffer, number: int) -> str:
 
 def _name_fields(buf: Buffer) -> tuple[list[int], int, int]:
     """Every field 1 (length-delimited) as flat [start, end, start, end, ...], and the value span of the
-    last one (the one a parser keeps). The walk of `fields`, inlined: this runs on every request and answer."""
+    last one (the one a parser keeps)."""
     spans: list[int] = []
     value_start = value_stop = 0
-    pos, end = 0, len(buf)
-    try:
-        while pos < end:
-            start = pos
-            tag = buf[pos]
-            pos += 1
-            if tag >= 0x80:
-                tag, pos = _tag(buf, start)
-            elif tag < 8:
-                raise WireError("field number 0")
-            if tag & 7 == 2:  # length-delimited
-                size = buf[pos]
-                pos += 1
-                if size >= 0x80:
-                    size, pos = varint(buf, pos - 1)
-                stop = pos + size
-                if stop > end:
-                    raise WireError(f"field {tag >> 3} is {size} bytes long, past the end of the message")
-                if tag == 0x0A:  # MODEL_NAME
-                    spans += (start, stop)
-                    value_start, value_stop = pos, stop
-                pos = stop
-            else:
-                pos = _skip(buf, pos, end, tag)
-    except IndexError:
-        raise WireError("truncated message") from None
+    for tag, start, value_start_, stop in fields(buf):
+        if tag == 0x0A:  # MODEL_NAME
+            spans += (start, stop)
+            value_start, value_stop = value_start_, stop
     return spans, value_start, value_stop
 
 
@@ -204,43 +182,23 @@ def scan_request(buf: Buffer) -> RequestScan:
     inputs: list[InferInput] = []
     lengths: list[int] = []
     name = version = ident = ""
-    pos, end = 0, len(buf)
+    tag = 0
     try:
-        while pos < end:
-            start = pos
-            tag = buf[pos]
-            pos += 1
-            if tag >= 0x80:
-                tag, pos = _tag(buf, start)
-            elif tag < 8:
-                raise WireError("field number 0")
-            if tag & 7 == 2:  # length-delimited
-                size = buf[pos]
-                pos += 1
-                if size >= 0x80:
-                    size, pos = varint(buf, pos - 1)
-                stop = pos + size
-                if stop > end:
-                    raise WireError(f"field {tag >> 3} is {size} bytes long, past the end of the message")
-                if tag == 0x3A:  # RAW_INPUT_CONTENTS: measured, never sliced
-                    lengths.append(size)
-                elif tag == 0x2A:  # INPUTS
-                    try:
-                        inputs.append(InferInput.FromString(buf[pos:stop]))
-                    except DecodeError:
-                        raise WireError(f"input {len(inputs)} is not an InferInputTensor") from None
-                elif tag == 0x0A:  # MODEL_NAME
-                    spans += (start, stop)
-                    name = str(buf[pos:stop], "utf-8")
-                elif tag == 0x12:  # MODEL_VERSION
-                    version = str(buf[pos:stop], "utf-8")
-                elif tag == 0x1A:  # ID
-                    ident = str(buf[pos:stop], "utf-8")
-                pos = stop
-            else:
-                pos = _skip(buf, pos, end, tag)
-    except IndexError:
-        raise WireError("truncated message") from None
+        for tag, start, pos, stop in fields(buf):
+            if tag == 0x3A:  # RAW_INPUT_CONTENTS: measured, never sliced
+                lengths.append(stop - pos)
+            elif tag == 0x2A:  # INPUTS
+                try:
+                    inputs.append(InferInput.FromString(buf[pos:stop]))
+                except DecodeError:
+                    raise WireError(f"input {len(inputs)} is not an InferInputTensor") from None
+            elif tag == 0x0A:  # MODEL_NAME
+                spans += (start, stop)
+                name = str(buf[pos:stop], "utf-8")
+            elif tag == 0x12:  # MODEL_VERSION
+                version = str(buf[pos:stop], "utf-8")
+            elif tag == 0x1A:  # ID
+                ident = str(buf[pos:stop], "utf-8")
     except UnicodeDecodeError as exc:
         raise WireError(f"field {tag >> 3} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     return RequestScan(name, version, ident, inputs, lengths, spans)

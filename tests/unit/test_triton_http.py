@@ -74,10 +74,15 @@ def answer(body: bytes, status: int = 200, extra: bytes = b"") -> bytes:
             % (status, len(body), extra, body))
 
 
-async def ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
-    writer.write(answer(b'{"ok":true}'))
+async def reply(writer: asyncio.StreamWriter, body: bytes = b"{}") -> bool:
+    """Answer `body` and keep the connection open."""
+    writer.write(answer(body))
     await writer.drain()
     return True
+
+
+async def ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
+    return await reply(writer, b'{"ok":true}')
 
 
 @run
@@ -108,9 +113,7 @@ async def test_a_body_in_parts_arrives_whole_and_in_order() -> None:
     async def digest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
         body = upstream.requests[-1][2]
         seen.append(hashlib.sha256(body).digest())
-        writer.write(answer(str(len(body)).encode()))
-        await writer.drain()
-        return True
+        return await reply(writer, str(len(body)).encode())
 
     upstream = Upstream(digest)
     async with upstream as address:
@@ -131,9 +134,7 @@ async def test_a_kept_alive_connection_the_upstream_closed_is_replaced_once() ->
     async def once_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
         if n > 1:
             return False
-        writer.write(answer(b"{}"))
-        await writer.drain()
-        return True
+        return await reply(writer)
 
     upstream = Upstream(once_per_connection)
     async with upstream as address:
@@ -165,9 +166,7 @@ async def test_a_silent_upstream_times_out_and_its_connection_is_not_reused() ->
     async def slow_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
         if len(upstream.requests) == 1:
             await asyncio.sleep(5)
-        writer.write(answer(b"{}"))
-        await writer.drain()
-        return True
+        return await reply(writer)
 
     upstream = Upstream(slow_first)
     async with upstream as address:
@@ -215,9 +214,7 @@ async def test_nothing_listening_is_triton_unavailable() -> None:
 async def test_a_cancelled_request_leaves_the_pool_usable() -> None:
     async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
         await asyncio.sleep(0.5 if len(upstream.requests) == 1 else 0)
-        writer.write(answer(b"{}"))
-        await writer.drain()
-        return True
+        return await reply(writer)
 
     upstream = Upstream(slow)
     async with upstream as address:
