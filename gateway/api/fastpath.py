@@ -14,6 +14,7 @@ from gateway.api.errors import error_response, unexpected_response
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError
 from gateway.naming import validate_key
+from gateway.triton.http import FORWARD_REQUEST
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -21,8 +22,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _PREFIX, _SUFFIX, _VERSIONS = "/v2/models/", "/infer", "/versions/"
-# The request headers the data plane reads (all others are the gateway's, or nobody's, business).
-_WANTED = frozenset((b"content-type", b"inference-header-content-length", b"content-encoding", b"accept-encoding"))
+# The request headers Triton acts on, as ASGI gives them (all others are the gateway's, or nobody's, business).
+_WANTED = frozenset(name.encode() for name in FORWARD_REQUEST)
 
 
 def parse_infer_path(path: str) -> tuple[str, str | None] | None:

@@ -24,7 +24,7 @@ import httptools
 from gateway.errors import TritonUnavailable, UpstreamTimeout
 
 # Request headers Triton's HTTP API acts on; the rest (cookies, auth for the gateway, ...) stay here.
-_FORWARD_REQUEST = ("content-type", "inference-header-content-length", "content-encoding", "accept-encoding")
+FORWARD_REQUEST = ("content-type", "inference-header-content-length", "content-encoding", "accept-encoding")
 _FORWARD_RESPONSE = frozenset((b"content-type", b"inference-header-content-length", b"content-encoding"))
 _CONNECT_TIMEOUT_S = 5.0
 _JOIN_BELOW = 1 << 16  # smaller bodies are joined with the head into one write; larger ones are not copied
@@ -215,7 +215,7 @@ class TritonHttp:
             lines.append(f"Content-Length: {length}\r\n")
         if headers:
             for name, value in headers.items():
-                if name.lower() in _FORWARD_REQUEST:
+                if name.lower() in FORWARD_REQUEST:
                     lines.append(f"{name}: {value}\r\n")
         lines.append("\r\n")
         return "".join(lines).encode("latin-1")
