@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeVar
 
 from gateway.demo import onnx_model
 from gateway.triton.process import free_port
@@ -329,4 +329,18 @@ def descendants(pid: int, name: bytes = b"") -> list[int]:
         if ancestor == pid and name in cmdline(child):
             found.append(child)
     return found
+
+
+T = TypeVar("T")
+
+
+def polled(read: Callable[[], T], done: Callable[[T], bool], timeout_s: float = 5.0) -> T:
+    """`read()` again until `done` accepts it or `timeout_s` passes; the last reading either way (for what
+    Triton records just after it answers, such as its statistics)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = read()
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
 

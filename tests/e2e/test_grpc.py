@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.demo import predict
 from tests.conftest import BUCKET, PREFIX
-from tests.helpers import GatewayProcess, city_artifact
+from tests.helpers import GatewayProcess, city_artifact, polled
 
 HOUSES = np.array([[1994.0, 3188.0, 5.0, 1.5, 1.62, 3.0], [2005.0, 1800.0, 3.0, 2.0, 0.3, 1.0]], dtype=np.float32)
 CITIES = {"grpc/Miami_FL.tar.gz": "Miami_FL", "grpc/Denver_CO.tar.gz": "Denver_CO",
@@ -109,7 +109,8 @@ def test_infer_gives_the_model_s_numbers_and_counts_in_statistics(client, s3_gat
     assert_prices(result, "Miami_FL", HOUSES)
     response = result.get_response()
     assert response.model_name == key and response.id == "r-1"
-    stats = client.get_inference_statistics(key).model_stats
+    stats = polled(lambda: client.get_inference_statistics(key).model_stats,  # Triton counts after answering
+                   lambda stats: stats[0].inference_stats.success.count >= 1)
     assert [s.name for s in stats] == [key]
     assert stats[0].inference_stats.success.count >= 1 and stats[0].execution_count >= 1
     everything = {s.name for s in client.get_inference_statistics().model_stats}

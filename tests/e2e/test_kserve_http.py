@@ -16,7 +16,7 @@ import tritonclient.http.aio as aiohttpclient
 from tritonclient.utils import InferenceServerException
 
 from gateway.demo import predict
-from tests.helpers import GatewayProcess, city_artifact, http
+from tests.helpers import GatewayProcess, city_artifact, http, polled
 
 HOUSES = np.array([[1994, 3188, 5, 1.5, 1.62, 3], [1978, 2973, 2, 1.5, 0.99, 1]], dtype=np.float32)
 PERF_ANALYZER = Path(sys.executable).parent / "perf_analyzer"
@@ -50,7 +50,8 @@ def test_metadata_on_a_cold_model_loads_it_and_speaks_its_target_name(s3_gateway
     inp.set_data_from_numpy(HOUSES)
     result = client.infer(key, [inp], model_version="1")
     np.testing.assert_allclose(result.as_numpy("price").ravel(), predict("Metadata_ZZ", HOUSES).ravel(), rtol=1e-4)
-    stats = client.get_inference_statistics(key)
+    stats = polled(lambda: client.get_inference_statistics(key),  # Triton counts a request after answering it
+                   lambda stats: stats["model_stats"][0]["inference_stats"]["success"]["count"] >= 1)
     assert stats["model_stats"][0]["name"] == key
     assert stats["model_stats"][0]["inference_stats"]["success"]["count"] >= 1
 
