@@ -20,7 +20,8 @@ MAX_SEGMENT_BYTES = 255  # a file name's limit on every common file system (and 
 _SHOWN = 80
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
-_SLUG_MAX = 48
+SLUG_MAX = 48  # characters of the readable part of a Triton name
+HASH_HEX = 8  # hex digits of the hash that makes a Triton name unique
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,6 @@ def _shown(key: str) -> str:
     return repr(key if len(key) <= _SHOWN else key[:_SHOWN] + "...")
 
 
-@functools.lru_cache(maxsize=65536)  # every request validates its key; refusals raise and are not cached
 @functools.lru_cache(maxsize=65536)  # every request validates its key; a refused key raises, and is not kept
 def validate_key(key: str) -> str:
     """Return `key` if it is a safe relative key under the store prefix, else raise InvalidModelKey.
@@ -73,12 +73,12 @@ def _slug(key: str) -> str:
             base = base[: -len(suffix)]
             break
     slug = _SLUG_UNSAFE.sub("-", base.replace("/", "--")).strip("-.") or "model"
-    return slug[:_SLUG_MAX]
+    return slug[:SLUG_MAX]
 
 
 def triton_name_for(key: str, namespace: str = "") -> str:
     """The Triton model name for `key`: `<slug>-<8 hex>`; the hash covers the namespace (store URL) too."""
-    digest = hashlib.sha256(f"{namespace}\0{key}".encode()).hexdigest()[:8]
+    digest = hashlib.sha256(f"{namespace}\0{key}".encode()).hexdigest()[:HASH_HEX]
     return f"{_slug(key)}-{digest}"
 
 

@@ -16,11 +16,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 
+from gateway.naming import HASH_HEX, SLUG_MAX
+
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>)]+")
 _ADDRESS = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b|\blocalhost:\d+\b|\[[0-9a-fA-F:]+\](?::\d+)?")
 # An absolute path of two or more segments, not the tail of a relative key ('cities/Houston_TX.tar.gz').
 _PATH = re.compile(r"(?<![\w.\-/~])/(?:[\w.\-@+=~]+/)+[\w.\-@+=~]*")
-_INTERNAL_NAME = re.compile(r"[A-Za-z0-9_.-]+-[0-9a-f]{8}\b")
+# Bounded to the longest name the gateway makes: an unbounded run would backtrack quadratically on client text.
+_INTERNAL_NAME = re.compile(rf"[A-Za-z0-9_.-]{{1,{SLUG_MAX}}}-[0-9a-f]{{{HASH_HEX}}}\b")
 _TRACEBACK = "Traceback (most recent call last):"
 
 _literals: list[tuple[str, str]] = []
