@@ -128,6 +128,151 @@ def test_the_autoscaler_scales_the_gateways_on_an_invocation_metric() -> None:
     assert "mme_requests_total" in (K8S / "gateway-hpa.yaml").read_text()  # the adapter rule's source series
 
 
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
+
+
+def workloads() -> list[dict[str, Any]]:
+    return [d for _, d in manifests() if d["kind"] in WORKLOAD_KINDS]
+
+
+def pod_problems(template: dict[str, Any], service_accounts: dict[str, dict[str, Any]]) -> list[str]:
+    """What a pod template lacks of the hardening every pod here has: no service-account token (neither
+    gateway nor router talks to the Kubernetes API; the router's discovery is plain DNS), no service links
+    (their variables start with MME_, the settings' prefix), a non-root user with the seccomp default, and
+    containers that cannot gain privileges, hold no capabilities and write only to their volumes."""
+    spec = template["spec"]
+    problems = []
+    if spec.get("automountServiceAccountToken") is not False:
+        problems.append("automountServiceAccountToken is not false")
+    account = service_accounts.get(spec.get("serviceAccountName", "default"))
+    if account is None or account.get("automountServiceAccountToken") is not False:
+        problems.append(f"service account {spec.get('serviceAccountName')!r} is not one here without a token")
+    if spec.get("enableServiceLinks") is not False:
+        problems.append("enableServiceLinks is not false")
+    pod_security = spec.get("securityContext", {})
+    if pod_security.get("runAsNonRoot") is not True or not pod_security.get("runAsUser"):
+        problems.append("the pod may run as root")
+    if pod_security.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        problems.append("no RuntimeDefault seccomp profile")
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        security = container.get("securityContext", {})
+        name = container["name"]
+        if security.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation is not false")
+        if security.get("capabilities", {}).get("drop") != ["ALL"] or security.get("capabilities", {}).get("add"):
+            problems.append(f"{name}: capabilities are not all dropped")
+        if security.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{name}: the root file system is writable")
+        if security.get("privileged") or security.get("runAsUser") == 0 or security.get("runAsNonRoot") is False:
+            problems.append(f"{name}: privileged or root")
+    return problems
+
+
+def service_accounts() -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for _, d in manifests() if d["kind"] == "ServiceAccount"}
+
+
+@pytest.mark.parametrize("workload", workloads(), ids=lambda d: d["metadata"]["name"])
+def test_every_pod_runs_without_a_token_or_privileges(workload: dict[str, Any]) -> None:
+    assert pod_problems(workload["spec"]["template"], service_accounts()) == []
+
+
+def test_the_pod_check_can_fail() -> None:
+    pod = copy.deepcopy(by_kind("Deployment", "mme-gateway")["spec"]["template"])
+    del pod["spec"]["automountServiceAccountToken"]
+    pod["spec"]["securityContext"]["runAsNonRoot"] = False
+    (container,) = pod["spec"]["containers"]
+    container["securityContext"] = {"capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]}}
+    problems = pod_problems(pod, service_accounts())
+    assert len(problems) == 5, problems
+
+
+def test_the_gateways_write_only_to_their_volumes() -> None:
+    """The image's root file system is read-only in the pod: the cache, /tmp (Python's and the stubs' scratch)
+    and /dev/shm are emptyDirs, and the cache directory is the one the gateway is told to use."""
+    pod = by_kind("Deployment", "mme-gateway")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert set(mounts) == {"/cache", "/tmp", "/dev/shm"}
+    assert all("emptyDir" in v for v in mounts.values())
+    assert by_kind("ConfigMap", "mme-gateway")["data"]["MME_CACHE_DIR"] == "/cache"
+
+
+def network_policies() -> list[dict[str, Any]]:
+    return [d for _, d in manifests() if d["kind"] == "NetworkPolicy"]
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are checked here"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def pod_labels(name: str) -> dict[str, str]:
+    return by_kind("Deployment", name)["spec"]["template"]["metadata"]["labels"]
+
+
+def test_ingress_is_denied_unless_a_policy_allows_it() -> None:
+    (deny,) = [p for p in network_policies() if p["spec"]["podSelector"] == {}]
+    assert deny["spec"]["policyTypes"] == ["Ingress"] and not deny["spec"].get("ingress")
+    for workload in workloads():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        allowing = [p for p in network_policies() if p is not deny and selects(p["spec"]["podSelector"], labels)]
+        assert allowing, f"no NetworkPolicy selects {workload['metadata']['name']}"
+
+
+def test_gateways_take_traffic_from_the_routers_and_their_scraper_only() -> None:
+    gateway = pod_labels("mme-gateway")
+    (policy,) = [p for p in network_policies() if p["spec"]["podSelector"] and selects(p["spec"]["podSelector"], gateway)]
+    (container,) = by_kind("Deployment", "mme-gateway")["spec"]["template"]["spec"]["containers"]
+    container_ports = {p["name"] for p in container["ports"]}
+    rules = policy["spec"]["ingress"]
+    assert all(rule.get("from") for rule in rules), "a rule without `from` admits every source"
+    from_routers = [r for r in rules if any("namespaceSelector" not in peer and "ipBlock" not in peer
+                                            and selects(peer["podSelector"], pod_labels("mme-router"))
+                                            for peer in r["from"])]
+    assert from_routers and {p["port"] for r in from_routers for p in r["ports"]} == container_ports
+    scrape = [r for r in rules if r not in from_routers]
+    assert scrape, "the scraper's rule (the operator's selector) is missing"
+    annotation = by_kind("Deployment", "mme-gateway")["spec"]["template"]["metadata"]["annotations"]
+    scrape_port = next(p["name"] for p in container["ports"] if str(p["containerPort"]) == annotation["prometheus.io/port"])
+    for rule in scrape:
+        assert [p["port"] for p in rule["ports"]] == [scrape_port]
+        assert all("namespaceSelector" in peer or "podSelector" in peer for peer in rule["from"])
+
+
+def test_routers_take_client_traffic_and_reach_only_dns_and_the_gateways() -> None:
+    router = pod_labels("mme-router")
+    (policy,) = [p for p in network_policies() if p["spec"]["podSelector"] and selects(p["spec"]["podSelector"], router)]
+    (container,) = by_kind("Deployment", "mme-router")["spec"]["template"]["spec"]["containers"]
+    assert {p["port"] for r in policy["spec"]["ingress"] for p in r["ports"]} == {p["name"] for p in container["ports"]}
+    assert "Egress" in policy["spec"]["policyTypes"]
+    gateway_ports = {p["name"] for p in
+                     by_kind("Deployment", "mme-gateway")["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    allowed = set()
+    for rule in policy["spec"]["egress"]:
+        ports = {(p.get("protocol", "TCP"), p["port"]) for p in rule["ports"]}
+        if all(port == 53 for _, port in ports):
+            allowed.add("dns")
+        else:
+            assert rule["to"] and all(selects(peer["podSelector"], pod_labels("mme-gateway")) for peer in rule["to"])
+            assert {port for _, port in ports} == gateway_ports
+            allowed.add("gateways")
+    assert allowed == {"dns", "gateways"}
+
+
+def test_the_image_runs_as_the_user_the_pods_name() -> None:
+    """Not root (so the gateway's non-dumpable flag keeps its /proc entries from the stubs it starts), the
+    uid the pods' securityContext names, and owner of the cache directory."""
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    user = re.findall(r"^USER\s+(\S+)", dockerfile, re.M)[-1]
+    uid = int(user.split(":")[0])
+    assert uid != 0 and re.search(rf"useradd\b.*--uid {uid}\b", dockerfile)
+    assert re.search(r"chown\s+\S+\s+.*/cache\b", dockerfile)
+    for workload in workloads():
+        assert workload["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == uid
+
+
 # -- compose ----------------------------------------------------------------------------------------------
 
 
