@@ -31,6 +31,7 @@ from gateway.convert import INPUT_NAME, OUTPUT_NAME, inspect_model, sklearn_to_o
 from gateway.errors import InvalidArtifact
 from gateway.frameworks import (TABULAR_MAX_BATCH_SIZE, TABULAR_QUEUE_DELAY_US, Format, detect, expected_files,
                                 fil_model_type)
+from gateway.isolation import check_model_code
 from gateway.onnx_io import Signature, TensorSpec, read_signature
 from gateway.sidecar import read_sidecar
 from gateway.paths import PYTHON_BACKENDS_DIR, TEMPLATES_DIR
@@ -66,6 +67,7 @@ class RenderOptions:
     templates_dir: Path = TEMPLATES_DIR
     backends: frozenset[str] = frozenset({"python"})  # what the Triton in front has (gateway.backends)
     allow_pickle: bool = False  # scikit-learn pickles run code when loaded: refused unless the operator allows
+    model_code: str = "allow"  # "refuse": artifacts carrying code are refused (gateway.isolation)
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,7 @@ def _sklearn_to_onnx(fmt: Format, model_file: str, version: Path, key: str, opti
 
 def render_model_dir(extracted: Path, name: str, key: str, options: RenderOptions) -> tuple[Path, RenderedModel]:
     """Shape `extracted` in place into a Triton model directory named `name`; returns its root."""
+    check_model_code(extracted, key, options.model_code)
     root = _model_root(extracted)
     config_path = root / "config.pbtxt"
     artifact_config = _parse_config(config_path, key) if config_path.is_file() else None
