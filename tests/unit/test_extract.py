@@ -7,7 +7,8 @@ import pytest
 
 from gateway.config import default
 from gateway.errors import InvalidArtifact
-from gateway.extract import ExtractLimits, safe_extract
+from gateway import extract
+from gateway.extract import ExtractLimits, MemberCheck, safe_extract
 from tests.helpers import tar_gz
 
 LIMITS = ExtractLimits(max_total_bytes=default("max_artifact_bytes"), max_files=default("max_artifact_files"))
@@ -51,10 +52,22 @@ def test_unsafe_members_are_refused_before_anything_is_written(tmp_path, members
     assert not any((tmp_path / "out").rglob("*"))
 
 
-def test_links_inside_the_directory_are_allowed(tmp_path: Path) -> None:
-    archive = _write(tmp_path, tar_gz({"1/model.onnx": b"y"}, [_member("latest", tarfile.SYMTYPE, "1")]))
+def test_links_to_regular_files_inside_are_allowed(tmp_path: Path) -> None:
+    """Symlinks before or after the file they name, climbing with `..`, and hard links to an earlier file."""
+    archive = _write(tmp_path, _tar_gz([_file("shared/graph.onnx"), _sym("1/model.onnx", "../shared/graph.onnx"),
+                                         _hard("2/model.onnx", "shared/graph.onnx"),
+                                         _sym("early.onnx", "later.onnx"), _file("later.onnx")]))
     safe_extract(archive, tmp_path / "out", "k", LIMITS)
-    assert (tmp_path / "out/latest/model.onnx").read_bytes() == b"y"
+    for name in ("1/model.onnx", "2/model.onnx", "early.onnx"):
+        assert (tmp_path / "out" / name).read_bytes() == b"x"
+    assert (tmp_path / "out/1/model.onnx").is_symlink() and (tmp_path / "out/early.onnx").is_symlink()
+
+
+def test_an_archive_of_a_folder_s_contents_extracts(tmp_path: Path) -> None:
+    """`tar czf m.tar.gz -C dir .` names the root `./` and every member under it."""
+    archive = _write(tmp_path, _tar_gz([_dir("."), _file("./config.pbtxt"), _dir("./1"), _file("./1/model.onnx")]))
+    safe_extract(archive, tmp_path / "out", "k", LIMITS)
+    assert (tmp_path / "out/1/model.onnx").read_bytes() == b"x"
 
 
 def test_caps_on_size_and_file_count(tmp_path: Path) -> None:
@@ -120,3 +133,102 @@ def test_a_full_local_disk_is_a_transient_error_not_a_bad_artifact(tmp_path: Pat
         assert seen == [(4 << 20) + 1] and not any((disk / "y").iterdir())
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def _sym(name: str, target: str) -> tarfile.TarInfo:
+    return _member(name, tarfile.SYMTYPE, target)
+
+
+def _hard(name: str, target: str) -> tarfile.TarInfo:
+    return _member(name, tarfile.LNKTYPE, target)
+
+
+def _dir(name: str) -> tarfile.TarInfo:
+    return _member(name, tarfile.DIRTYPE)
+
+
+def _file(name: str, data: bytes = b"x") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info
+
+
+def _tar_gz(members: list[tarfile.TarInfo]) -> bytes:
+    """A .tar.gz of hand-made members in this order (regular files hold b"x")."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for info in members:
+            tar.addfile(info, io.BytesIO(b"x") if info.isreg() else None)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def no_data_filter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interpreter's `data` filter switched off: the gateway's own checks must stand alone."""
+    off = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+    monkeypatch.setattr(extract, "_interpreter_filter", lambda: off)
+
+
+CHAINS = {  # issue 19, item 10, and its variants: each one writes outside, or through a link, without checks
+    "the issue's chain": ([_sym("a", "."), _sym("a/b", ".."), _file("b/file")], "directory"),
+    "a link to the parent from a folder": ([_dir("a"), _sym("a/b", ".."), _file("a/b/file")], "directory"),
+    "a symlink to a folder that comes later": ([_sym("latest", "1"), _file("1/model.onnx")], "directory"),
+    "a symlink to a folder that came earlier": ([_file("1/model.onnx"), _sym("latest", "1")], "directory"),
+    "a file through a symlink": ([_file("f"), _sym("l", "f"), _file("l/x")], "through a link"),
+    "a file through a hard link": ([_file("f"), _hard("h", "f"), _file("h/x")], "through a link"),
+    "a folder then a symlink of its name": ([_dir("d"), _file("f"), _sym("d", "f")], "twice"),
+    "a file's folder then a symlink of its name": ([_file("d/x"), _file("f"), _sym("d", "f")], "twice"),
+    "a symlink then a folder of its name": ([_file("f"), _sym("d", "f"), _dir("d"), _file("d/x")], "twice"),
+    "a file then a symlink of its name": ([_file("f"), _file("g"), _sym("f", "g")], "twice"),
+    "a symlink then a file of its name": ([_file("g"), _sym("f", "g"), _file("f")], "twice"),
+    "a file twice": ([_file("f"), _file("f")], "twice"),
+    "a hard link to a symlink": ([_file("f"), _sym("s", "f"), _hard("h", "s")], "regular file"),
+    "a hard link to a later file": ([_hard("h", "f"), _file("f")], "regular file"),
+    "a hard link to a folder": ([_dir("d"), _hard("h", "d")], "regular file"),
+    "a link to a link to outside": ([_sym("l1", "l2"), _sym("l2", "../x")], "points outside"),
+    "a link to a later link": ([_file("f"), _sym("l1", "l2"), _sym("l2", "f")], "another link"),
+    "a link to an earlier link": ([_file("f"), _sym("l2", "f"), _sym("l1", "l2")], "another link"),
+    "a link through a link": ([_file("f"), _sym("s", "f"), _sym("t", "s/x")], "through a link"),
+    "a link to nothing": ([_file("f"), _sym("l", "missing")], "nothing in the archive"),
+    "a name with a parent step": ([_dir("a"), _file("a/../b")], "outside"),
+}
+
+
+@pytest.mark.parametrize("members, reason", list(CHAINS.values()), ids=list(CHAINS))
+def test_link_chains_are_refused_by_the_gateways_own_checks(tmp_path: Path, no_data_filter: None,
+                                                           members: list[tarfile.TarInfo], reason: str) -> None:
+    (tmp_path / "model").mkdir()
+    archive = _write(tmp_path / "model", _tar_gz(members))
+    out = tmp_path / "model" / "out"
+    with pytest.raises(InvalidArtifact, match=reason) as refused:
+        safe_extract(archive, out, "k", LIMITS)
+    assert "'k'" in refused.value.message and str(tmp_path) not in refused.value.message
+    assert not any(out.iterdir())  # refused before anything was written, inside the model directory or out
+    assert sorted(tmp_path.rglob("*")) == [tmp_path / "model", archive, out]
+
+
+def test_the_checks_run_one_member_at_a_time() -> None:
+    """Each refusal comes at the member that makes the archive unsafe, with no second pass: fit for a stream."""
+    check = MemberCheck("k", LIMITS)
+    with pytest.raises(InvalidArtifact, match="'a' -> '.' points to a directory"):
+        check.check(_sym("a", "."))
+    check = MemberCheck("k", LIMITS)
+    for member in (_file("f"), _sym("l", "f")):
+        check.check(member)
+    with pytest.raises(InvalidArtifact, match="'l/x' would be written through a link"):
+        check.check(_file("l/x"))
+    check = MemberCheck("k", LIMITS)  # a symlink's target may come later: the end of the stream settles it
+    for member in (_sym("latest", "1"), _file("1/model.onnx")):
+        check.check(member)
+    with pytest.raises(InvalidArtifact, match="points to a directory"):
+        check.finish()
+
+
+def test_names_are_bounded(tmp_path: Path) -> None:
+    """Names a file system cannot hold are refused by name, never with a local path; deep names count every
+    folder they pass through against the file cap, so the checks' memory is bounded by the cap."""
+    for members, reason in (([_file("x" * 300)], "too long"), ([_file("a/" * 2100 + "f")], "too long"),
+                            ([_file("a/" * 20 + "f")], "more than 10 files")):
+        with pytest.raises(InvalidArtifact, match=reason) as refused:
+            safe_extract(_write(tmp_path, _tar_gz(members)), tmp_path / "out", "k", replace(LIMITS, max_files=10))
+        assert str(tmp_path) not in refused.value.message and len(refused.value.message) < 400
