@@ -13,7 +13,9 @@ COPY triton_backends ./triton_backends
 # matplotlib, pyyaml and tqdm are in the image.
 RUN pip install --no-cache-dir -e .
 # Model code runs in Triton's Python stubs as this user, never as root; the cache volume and SageMaker's
-# model directory belong to it.
+# model directory belong to it. Not being root is also what lets the gateway keep its own /proc entries
+# (environment, memory) from those stubs by making itself non-dumpable: a root process could read them anyway.
+# The uid is fixed: deploy/kubernetes names it in runAsUser, and compose's secret files must be readable by it.
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin mme \
     && mkdir -p /cache /opt/ml/models && chown mme:mme /cache /opt/ml/models
 USER 10001:10001

@@ -9,6 +9,8 @@ import argparse
 import copy
 import json
 import re
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -20,6 +22,7 @@ from gateway.config import FIELDS, add_serve_arguments, env_var
 from gateway.metrics import Metrics
 from gateway.router.metrics import RouterMetrics
 from gateway.router.settings import add_router_arguments
+from gateway.triton import auth as triton_auth
 from tests.helpers import REPO_ROOT
 
 K8S = REPO_ROOT / "deploy" / "kubernetes"
@@ -212,6 +215,18 @@ def pod_labels(name: str) -> dict[str, str]:
     return by_kind("Deployment", name)["spec"]["template"]["metadata"]["labels"]
 
 
+def own_policy(name: str) -> dict[str, Any]:
+    """The one NetworkPolicy that names Deployment `name`'s pods (the namespace-wide default aside)."""
+    (policy,) = [p for p in network_policies()
+                 if p["spec"]["podSelector"] and selects(p["spec"]["podSelector"], pod_labels(name))]
+    return policy
+
+
+def port_names(name: str) -> set[str]:
+    (container,) = by_kind("Deployment", name)["spec"]["template"]["spec"]["containers"]
+    return {p["name"] for p in container["ports"]}
+
+
 def test_ingress_is_denied_unless_a_policy_allows_it() -> None:
     (deny,) = [p for p in network_policies() if p["spec"]["podSelector"] == {}]
     assert deny["spec"]["policyTypes"] == ["Ingress"] and not deny["spec"].get("ingress")
@@ -222,33 +237,27 @@ def test_ingress_is_denied_unless_a_policy_allows_it() -> None:
 
 
 def test_gateways_take_traffic_from_the_routers_and_their_scraper_only() -> None:
-    gateway = pod_labels("mme-gateway")
-    (policy,) = [p for p in network_policies() if p["spec"]["podSelector"] and selects(p["spec"]["podSelector"], gateway)]
-    (container,) = by_kind("Deployment", "mme-gateway")["spec"]["template"]["spec"]["containers"]
-    container_ports = {p["name"] for p in container["ports"]}
-    rules = policy["spec"]["ingress"]
+    rules = own_policy("mme-gateway")["spec"]["ingress"]
     assert all(rule.get("from") for rule in rules), "a rule without `from` admits every source"
     from_routers = [r for r in rules if any("namespaceSelector" not in peer and "ipBlock" not in peer
                                             and selects(peer["podSelector"], pod_labels("mme-router"))
                                             for peer in r["from"])]
-    assert from_routers and {p["port"] for r in from_routers for p in r["ports"]} == container_ports
+    assert from_routers and {p["port"] for r in from_routers for p in r["ports"]} == port_names("mme-gateway")
     scrape = [r for r in rules if r not in from_routers]
     assert scrape, "the scraper's rule (the operator's selector) is missing"
-    annotation = by_kind("Deployment", "mme-gateway")["spec"]["template"]["metadata"]["annotations"]
-    scrape_port = next(p["name"] for p in container["ports"] if str(p["containerPort"]) == annotation["prometheus.io/port"])
+    pod = by_kind("Deployment", "mme-gateway")["spec"]["template"]
+    metrics_port = pod["metadata"]["annotations"]["prometheus.io/port"]
+    (container,) = pod["spec"]["containers"]
+    scrape_port = next(p["name"] for p in container["ports"] if str(p["containerPort"]) == metrics_port)
     for rule in scrape:
         assert [p["port"] for p in rule["ports"]] == [scrape_port]
         assert all("namespaceSelector" in peer or "podSelector" in peer for peer in rule["from"])
 
 
 def test_routers_take_client_traffic_and_reach_only_dns_and_the_gateways() -> None:
-    router = pod_labels("mme-router")
-    (policy,) = [p for p in network_policies() if p["spec"]["podSelector"] and selects(p["spec"]["podSelector"], router)]
-    (container,) = by_kind("Deployment", "mme-router")["spec"]["template"]["spec"]["containers"]
-    assert {p["port"] for r in policy["spec"]["ingress"] for p in r["ports"]} == {p["name"] for p in container["ports"]}
+    policy = own_policy("mme-router")
+    assert {p["port"] for r in policy["spec"]["ingress"] for p in r["ports"]} == port_names("mme-router")
     assert "Egress" in policy["spec"]["policyTypes"]
-    gateway_ports = {p["name"] for p in
-                     by_kind("Deployment", "mme-gateway")["spec"]["template"]["spec"]["containers"][0]["ports"]}
     allowed = set()
     for rule in policy["spec"]["egress"]:
         ports = {(p.get("protocol", "TCP"), p["port"]) for p in rule["ports"]}
@@ -256,7 +265,7 @@ def test_routers_take_client_traffic_and_reach_only_dns_and_the_gateways() -> No
             allowed.add("dns")
         else:
             assert rule["to"] and all(selects(peer["podSelector"], pod_labels("mme-gateway")) for peer in rule["to"])
-            assert {port for _, port in ports} == gateway_ports
+            assert {port for _, port in ports} == port_names("mme-gateway")
             allowed.add("gateways")
     assert allowed == {"dns", "gateways"}
 
@@ -281,8 +290,24 @@ def compose() -> dict[str, Any]:
 
 
 def interpolate(text: str) -> str:
-    """Compose's ${VAR:-default} and ${VAR:?message} with nothing set: the default, or a stand-in."""
-    return re.sub(r"\$\{([A-Z0-9_]+)(?::([-?])([^}]*))?\}", lambda m: m.group(3) if m.group(2) == "-" else "x", text)
+    """Compose's interpolation with nothing set: ${VAR:-default} is the default, ${VAR:?message} a stand-in,
+    a bare $VAR or ${VAR} nothing, and `$$` a `$` (so a shell variable written with one `$` comes out empty,
+    as compose would leave it)."""
+    def one(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        if m.group(4) is not None:
+            return ""
+        return {"-": m.group(3), "?": "x"}.get(m.group(2) or "", "")
+    return re.sub(r"\$\$|\$\{([A-Za-z0-9_]+)(?::([-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)", one, text)
+
+
+def environment(service: dict[str, Any]) -> dict[str, str | None]:
+    """A service's `environment`, list or mapping, as a mapping (None: passed through from compose's own)."""
+    env = service.get("environment", {})
+    if isinstance(env, dict):
+        return {k: None if v is None else str(v) for k, v in env.items()}
+    return {k: v for k, _, v in (item.partition("=") if "=" in item else (item, "", None) for item in env)}
 
 
 def test_compose_keeps_the_default_services_and_adds_the_fleet_profile() -> None:
@@ -320,6 +345,74 @@ def test_compose_mounts_files_that_exist_and_prometheus_scrapes_the_fleet() -> N
     scrape = yaml.safe_load((REPO_ROOT / "deploy/prometheus/prometheus.yml").read_text())
     targets = {t.split(":")[0] for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
     assert targets == {"router", "gateway", "gateway-2"}
+
+
+def test_compose_publishes_prometheus_and_grafana_on_loopback_and_grafana_asks_for_a_login() -> None:
+    doc = compose()
+    services = doc["services"]
+    for name in ("prometheus", "grafana"):
+        assert services[name]["ports"] and all(str(p).startswith("127.0.0.1:") for p in services[name]["ports"])
+    env = environment(services["grafana"])
+    assert env.get("GF_AUTH_ANONYMOUS_ENABLED", "false") == "false"
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env  # a password in the file or the environment leaks
+    (secret,) = services["grafana"]["secrets"]
+    assert env["GF_SECURITY_ADMIN_PASSWORD__FILE"] == f"/run/secrets/{secret}" and secret in doc["secrets"]
+
+
+def restrictions(args: list[str]) -> dict[str, tuple[set[str], str]]:
+    """tritonserver's restricted-API flags in `args`: option -> (API groups, `key=value`)."""
+    found = {}
+    for arg in args:
+        option, _, value = arg.partition("=")
+        if option in ("--http-restricted-api", "--grpc-restricted-protocol"):
+            apis, _, restriction = value.partition(":")
+            found[option] = (set(apis.split(",")), restriction)
+    return found
+
+
+def triton_argv(service: dict[str, Any], key_text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """What the Triton service's wrapper runs, found by running it with `printf` in place of tritonserver and
+    the service's key file replaced by one holding `key_text`."""
+    argv = [interpolate(str(a)) for a in service["command"]]
+    (secret,) = service["secrets"]
+    key_file = tmp_path / "key"
+    key_file.write_text(key_text)
+    shell, flag, script, zero, binary, *rest = argv
+    assert (shell, flag, binary) == ("/bin/sh", "-c", "tritonserver")
+    assert f"/run/secrets/{secret}" in script
+    script = script.replace(f"/run/secrets/{secret}", str(key_file))
+    return subprocess.run(["/bin/sh", "-c", script, zero, "printf", "%s\\n", binary, *rest],
+                          capture_output=True, text=True, timeout=10)
+
+
+@pytest.mark.parametrize("name", ["triton", "triton-2"])
+def test_compose_triton_answers_only_the_gateway_holding_its_key(name: str, tmp_path: Path) -> None:
+    doc = compose()
+    services = doc["services"]
+    triton = services[name]
+    assert "ports" not in triton  # not on the host: the gateways reach it on the compose network
+    done = triton_argv(triton, "s3cret-value\n", tmp_path)
+    assert done.returncode == 0, done.stderr
+    args = done.stdout.splitlines()
+    assert args[0] == "tritonserver" and "--model-repository=/cache/repo" in args
+    # The restrictions the embedded Triton gets: every API but health, under the header the gateway sends.
+    expected = restrictions(triton_auth.triton_args("s3cret-value"))
+    assert restrictions(args) == expected and len(expected) == 2
+    assert all("health" not in apis for apis, _ in expected.values())
+    healthcheck = " ".join(triton["healthcheck"]["test"])
+    assert "/v2/health/" in healthcheck  # health stays open, so the healthcheck needs no key
+    (secret,) = triton["secrets"]
+    gateways = [g for g in services.values() if g.get("command", [None])[0] == "serve"
+                and parse_cli([interpolate(str(a)) for a in g["command"]]).triton_http_url == f"{name}:8000"]
+    assert len(gateways) == 1
+    gateway = parse_cli([interpolate(str(a)) for a in gateways[0]["command"]])
+    assert str(gateway.triton_api_key_file) == f"/run/secrets/{secret}" and secret in gateways[0]["secrets"]
+    assert gateway.triton_grpc_url == f"{name}:8001"
+
+
+def test_compose_triton_does_not_start_without_a_key(tmp_path: Path) -> None:
+    done = triton_argv(compose()["services"]["triton"], "\n", tmp_path)
+    assert done.returncode != 0 and "tritonserver" not in done.stdout
 
 
 # -- Grafana ----------------------------------------------------------------------------------------------
