@@ -9,7 +9,7 @@ import logging
 
 from gateway.backends import resolve_backends, resolve_onnx_backend
 from gateway import redact
-from gateway.config import Settings
+from gateway.config import Settings, flag
 from gateway.dataplane import DataPlane
 from gateway.extract import ExtractLimits
 from gateway.manager import ManagerConfig, ModelManager
@@ -25,6 +25,7 @@ from gateway.resources import resolve
 from gateway.staging import StagingArea
 from gateway.store import open_store
 from gateway.stubs import Stubs
+from gateway.triton.auth import read_key
 from gateway.triton.control import TritonControl
 from gateway.triton.grpc import TritonGrpc
 from gateway.triton.http import TritonHttp
@@ -54,11 +55,13 @@ class Gateway:
             onnx_threads=settings.onnx_threads,
             backends=backends,
             allow_pickle=settings.allow_pickle,
+            model_code=settings.model_code,
         )
         limits = ExtractLimits(max_total_bytes=settings.max_artifact_bytes, max_files=settings.max_artifact_files)
         self.resources = resolve(settings, self.probe, settings.cache_dir)
         self.staging = StagingArea(settings.cache_dir, self.store, render, limits, self.resources.disk_budget_bytes)
         self.triton: TritonProcess | None = None
+        api_key = _triton_api_key(settings)
         if settings.embedded_triton:
             self.triton = TritonProcess(
                 TritonProcessConfig(
@@ -67,14 +70,20 @@ class Gateway:
                     http_port=settings.triton_http_port,
                     grpc_port=settings.triton_grpc_port,
                     metrics_port=settings.triton_metrics_port,
+                    api_key=api_key,
                 )
             )
             http_url, grpc_url = self.triton.http_url, self.triton.grpc_url
+            api_key = self.triton.api_key
         else:
             http_url, grpc_url = str(settings.triton_http_url), str(settings.triton_grpc_url)
-        self.control = TritonControl(grpc_url, load_timeout_s=settings.load_timeout_s)
-        self.triton_http = TritonHttp(http_url, timeout_s=settings.infer_timeout_s)
-        self.triton_grpc = TritonGrpc(grpc_url)
+            if api_key is None:
+                log.warning("triton.api_open", extra={"hint": f"without {flag('triton_api_key_file')} the gateway "
+                                                              "sends no secret: Triton's API must then be open to "
+                                                              "every client that reaches it"})
+        self.control = TritonControl(grpc_url, load_timeout_s=settings.load_timeout_s, api_key=api_key)
+        self.triton_http = TritonHttp(http_url, timeout_s=settings.infer_timeout_s, api_key=api_key)
+        self.triton_grpc = TritonGrpc(grpc_url, api_key=api_key)
         self.manager = ModelManager(
             self.store,
             self.staging,
@@ -173,3 +182,14 @@ class Gateway:
         if self.triton:
             await asyncio.to_thread(self.triton.stop)
         log.info("gateway.stopped")
+
+
+def _triton_api_key(settings: Settings) -> str | None:
+    """The secret in --triton-api-key-file, or None when none is configured; SystemExit naming the setting
+    when the file cannot be used."""
+    if settings.triton_api_key_file is None:
+        return None
+    try:
+        return read_key(settings.triton_api_key_file)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{flag('triton_api_key_file')}: {exc}") from None

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from gateway import logs
+from gateway.isolation import make_undumpable
 from gateway.config import add_serve_arguments, settings_from_args
 from gateway.router.settings import add_router_arguments
 
@@ -20,6 +21,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     logs.configure(settings.log_level)
+    make_undumpable()  # before any secret is used: model code running as this user cannot read them here
     return run(settings)
 
 
@@ -29,6 +31,7 @@ def _router(args: argparse.Namespace) -> int:
 
     settings = router_settings_from_args(args)
     logs.configure(settings.log_level)
+    make_undumpable()  # its upstream API key: unreadable to other processes of this user
     return run(settings)
 
 

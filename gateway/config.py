@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.instance_kind import CHOICES as INSTANCE_KINDS
+from gateway.isolation import MODEL_CODE_CHOICES
 from gateway.policy import POLICIES
 from gateway.render import OnnxBackend
 
@@ -45,6 +46,9 @@ class Settings:
     triton_http_url: str | None = setting(
         None, "use an existing Triton: its HTTP address (host:port); needs --triton-grpc-url")
     triton_grpc_url: str | None = setting(None, "use an existing Triton: its gRPC address (host:port)")
+    triton_api_key_file: Path | None = setting(
+        None, "a file holding the secret Triton's restricted APIs expect in the mme-triton-key header (start an "
+        "external Triton with it); the embedded Triton uses it too, else a new random one per start")
     triton_http_port: int = setting(0, "embedded Triton's HTTP port (0: a free one)")
     triton_grpc_port: int = setting(0, "embedded Triton's gRPC port (0: a free one)")
     triton_metrics_port: int = setting(0, "embedded Triton's metrics port (0: a free one)")
@@ -55,6 +59,10 @@ class Settings:
         "embedded Triton's own, or a full Triton image for an external one")
     allow_pickle: bool = setting(
         False, "load scikit-learn pickles (model.pkl, model.joblib) to convert them to ONNX; a pickle runs code")
+    model_code: str = setting(
+        "allow", "refuse: artifacts that carry code (model.py or other Python, native libraries, pickles even "
+        "with --allow-pickle, a Python-backend config) are 422; for stores whose writers are not trusted",
+        MODEL_CODE_CHOICES)
     instance_count: int = setting(1, "Triton instances per model when the artifact has no config")
     onnx_threads: int = setting(1, "onnxruntime intra-op threads per instance of the Python runner")
     wait_timeout_s: float = setting(60.0, "seconds a request waits for its model to load before 'not ready, retry'")

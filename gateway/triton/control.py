@@ -14,6 +14,7 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from gateway.errors import LoadTimedOut, ModelLoadFailed, TritonUnavailable
+from gateway.triton import auth
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,12 @@ def _unreachable(exc: InferenceServerException) -> bool:
 
 
 class TritonControl:
-    """Load, unload and index models; every call carries a timeout."""
+    """Load, unload and index models; every call carries a timeout and the restricted APIs' secret."""
 
-    def __init__(self, grpc_url: str, load_timeout_s: float, call_timeout_s: float = 10.0) -> None:
+    def __init__(self, grpc_url: str, load_timeout_s: float, call_timeout_s: float = 10.0,
+                 api_key: str | None = None) -> None:
         self.grpc_url = grpc_url
+        self._headers = dict(auth.metadata(api_key) or ()) or None
         self._client_instance: grpcclient.InferenceServerClient | None = None
         self._load_timeout_s = load_timeout_s
         self._call_timeout_s = call_timeout_s
@@ -63,14 +66,14 @@ class TritonControl:
 
     async def is_ready(self) -> bool:
         try:
-            return bool(await self._client.is_server_ready(client_timeout=self._call_timeout_s))
+            return bool(await self._client.is_server_ready(headers=self._headers, client_timeout=self._call_timeout_s))
         except InferenceServerException:
             return False
 
     async def load(self, name: str) -> None:
         """Ask Triton to load `name` from its repository; raises ModelLoadFailed with Triton's reason."""
         try:
-            await self._client.load_model(name, client_timeout=self._load_timeout_s)
+            await self._client.load_model(name, headers=self._headers, client_timeout=self._load_timeout_s)
         except InferenceServerException as exc:
             if "DEADLINE" in (exc.status() or "").upper():
                 raise LoadTimedOut(f"{name} did not finish loading within {self._load_timeout_s:.0f}s "
@@ -82,7 +85,7 @@ class TritonControl:
     async def unload(self, name: str) -> None:
         """Request an unload; Triton finishes it in the background (watch the index for UNAVAILABLE)."""
         try:
-            await self._client.unload_model(name, client_timeout=self._call_timeout_s)
+            await self._client.unload_model(name, headers=self._headers, client_timeout=self._call_timeout_s)
         except InferenceServerException as exc:
             if _unreachable(exc):
                 raise TritonUnavailable(f"Triton at {self.grpc_url} did not answer the unload of {name}") from None
@@ -90,7 +93,7 @@ class TritonControl:
 
     async def index(self) -> list[IndexEntry]:
         try:
-            resp = await self._client.get_model_repository_index(client_timeout=self._call_timeout_s)
+            resp = await self._client.get_model_repository_index(headers=self._headers, client_timeout=self._call_timeout_s)
         except InferenceServerException as exc:
             raise TritonUnavailable(f"Triton at {self.grpc_url} did not answer the index request: {exc}") from None
         return [IndexEntry(m.name, m.version, m.state, m.reason) for m in resp.models]

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from gateway.errors import TritonUnavailable, UpstreamTimeout
+from gateway.triton import auth
 
 # Request headers Triton's HTTP API acts on; the rest (cookies, auth for the gateway, ...) stay here.
 FORWARD_REQUEST = ("content-type", "inference-header-content-length", "content-encoding", "accept-encoding")
@@ -134,16 +135,19 @@ class _Connection(asyncio.Protocol):
 
 
 class TritonHttp:
-    """A pool of keep-alive connections to Triton's HTTP endpoint (at most `max_connections` open)."""
+    """A pool of keep-alive connections to Triton's HTTP endpoint (at most `max_connections` open); every
+    request carries the restricted APIs' secret, `api_key`, in the head's fixed lines."""
 
-    def __init__(self, http_url: str, max_connections: int = 256, timeout_s: float = 300.0) -> None:
+    def __init__(self, http_url: str, max_connections: int = 256, timeout_s: float = 300.0,
+                 api_key: str | None = None) -> None:
         self.base = http_url if "://" in http_url else f"http://{http_url}"
         parts = urlsplit(self.base)
         self.host = parts.hostname or "localhost"
         self.tls = parts.scheme == "https"
         self.port = parts.port or (443 if self.tls else 80)
         self._prefix = parts.path.rstrip("/")
-        self._host_line = f"Host: {parts.netloc}\r\n"
+        # Host and the secret: the lines every request carries, joined once here.
+        self._fixed_lines = f"Host: {parts.netloc}\r\n" + (f"{auth.HEADER}: {api_key}\r\n" if api_key else "")
         self.timeout_s = timeout_s
         self._idle: collections.deque[_Connection] = collections.deque()
         self._slots = asyncio.Semaphore(max_connections)
@@ -210,7 +214,7 @@ class TritonHttp:
     # -- the parts ---------------------------------------------------------------------------------------------
 
     def _head(self, method: str, path: str, length: int | None, headers: Mapping[str, str] | None) -> bytes:
-        lines = [f"{method} {self._prefix}{path} HTTP/1.1\r\n", self._host_line]
+        lines = [f"{method} {self._prefix}{path} HTTP/1.1\r\n", self._fixed_lines]
         if length is not None:
             lines.append(f"Content-Length: {length}\r\n")
         if headers:

@@ -9,6 +9,10 @@ machine with no GPU and no Docker. Three things make it work from a virtual envi
   `pyvenv.cfg` and so its site-packages (numpy, onnxruntime) for model code. That Python backend predates
   numpy 2 (every answer fails with "output tensor shape does not match size of output"), so Triton is not
   started beside numpy 2.
+
+Triton and the stubs it starts (which run model code) get an allow-listed environment, never the gateway's
+secrets (`gateway.isolation`), and every API but health answers only calls with the gateway's secret
+(`gateway.triton.auth`), which is kept out of the log.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
+
+from gateway.isolation import child_env
+from gateway.triton import auth
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +114,7 @@ class TritonProcessConfig:
     start_timeout_s: float = 90.0
     stop_timeout_s: float = 30.0
     extra_args: list[str] = field(default_factory=list)
+    api_key: str | None = None  # the restricted APIs' secret; None: a new random one for this TritonProcess
 
 
 class TritonProcess:
@@ -119,6 +127,7 @@ class TritonProcess:
         self.grpc_port = config.grpc_port or free_port()
         self.metrics_port = config.metrics_port or free_port()
         self.log_path = config.work_dir / "triton.log"
+        self.api_key = config.api_key or auth.new_key()  # kept across restarts: the clients hold it
         self._proc: subprocess.Popen[bytes] | None = None
         self._starts = 0
 
@@ -146,9 +155,11 @@ class TritonProcess:
         return backends
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        """The allow-listed environment (no secrets reach model code), with the wheel's libraries and this
+        environment's `bin/` first, where the stub looks for its interpreter."""
+        env = child_env()
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(self.paths.libs), env.get("LD_LIBRARY_PATH")]))
-        env["PATH"] = os.pathsep.join([str(Path(sys.prefix) / "bin"), env.get("PATH", "")])
+        env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.prefix) / "bin"), env.get("PATH")]))
         return env
 
     def command(self) -> list[str]:
@@ -167,6 +178,7 @@ class TritonProcess:
             # Each start gets its own Python-backend shared-memory names: stubs of a Triton that was killed may
             # linger for a moment, and a new one must never attach to their regions.
             f"--backend-config=python,shm-region-prefix-name=mme{os.getpid()}s{self._starts}_",
+            *auth.triton_args(self.api_key),
             *self.config.extra_args,
         ]
 
@@ -180,7 +192,8 @@ class TritonProcess:
         self._starts += 1
         cmd = self.command()
         log_file = self.log_path.open("ab")
-        log.info("triton.start", extra={"cmd": " ".join(cmd), "log": str(self.log_path)})
+        shown = " ".join(cmd).replace(self.api_key, "<secret>")
+        log.info("triton.start", extra={"cmd": shown, "log": str(self.log_path)})
         self._proc = subprocess.Popen(
             cmd,
             stdout=log_file,

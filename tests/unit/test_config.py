@@ -184,3 +184,30 @@ def test_a_yes_no_setting_is_one_flag_with_or_without_a_value(monkeypatch: pytes
     monkeypatch.setenv("MME_CONTAINER_API", "maybe")
     with pytest.raises(SystemExit):  # argparse parses a text default as it would the flag
         _settings("--store", "s")
+
+
+def test_the_isolation_settings_keep_their_names(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """compose.yaml and the README name these: --triton-api-key-file / MME_TRITON_API_KEY_FILE, --model-code."""
+    assert (flag("triton_api_key_file"), env_var("triton_api_key_file")) == ("--triton-api-key-file",
+                                                                             "MME_TRITON_API_KEY_FILE")
+    assert (flag("model_code"), env_var("model_code")) == ("--model-code", "MME_MODEL_CODE")
+    assert _settings("--store", "s").model_code == "allow"
+    assert _settings("--store", "s", "--model-code", "refuse").model_code == "refuse"
+    with pytest.raises(SystemExit):
+        _settings("--store", "s", "--model-code", "sometimes")
+    monkeypatch.setenv("MME_TRITON_API_KEY_FILE", str(tmp_path / "key"))
+    assert _settings("--store", "s").triton_api_key_file == tmp_path / "key"
+
+
+def test_an_unusable_triton_key_file_stops_the_start_naming_the_setting(tmp_path: Path) -> None:
+    from gateway.app import _triton_api_key
+
+    assert _triton_api_key(_settings("--store", "s")) is None
+    (tmp_path / "key").write_text("  from-the-file \n")
+    assert _triton_api_key(_settings("--store", "s", "--triton-api-key-file", str(tmp_path / "key"))) == "from-the-file"
+    for text in ("", "two words"):
+        (tmp_path / "key").write_text(text)
+        with pytest.raises(SystemExit, match="--triton-api-key-file"):
+            _triton_api_key(_settings("--store", "s", "--triton-api-key-file", str(tmp_path / "key")))
+    with pytest.raises(SystemExit, match="--triton-api-key-file"):
+        _triton_api_key(_settings("--store", "s", "--triton-api-key-file", str(tmp_path / "missing")))
