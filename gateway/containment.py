@@ -1,4 +1,4 @@
-"""Every file a model config names must lie inside the model's own directory.
+"""A model config may reach nothing outside its own model: no file outside its directory, no other model.
 
 An artifact is untrusted, and its `config.pbtxt` can name files: `default_model_filename`,
 `cc_model_filenames`, parameters such as the ONNX runner's `onnx_file`, the Python backend's
@@ -7,6 +7,11 @@ escaping name (`/etc/passwd`, `../other-model/1/model.onnx`, a symlink leading o
 tenant's model or any file the server can read. Extraction already refuses links that point out; this check
 covers what the config itself names, after rendering, against the directories Triton will resolve it in.
 Errors name the model and the field, never the path (which may be an internal one).
+
+Two kinds of config reach further than files, and are refused outright (`check_config_fields`): an ensemble
+(`platform: "ensemble"`, `ensemble_scheduling`) calls other Triton models by name, and Triton names follow
+from store keys, so one key's artifact could call another key's model; repository agents
+(`model_repository_agents`) run on the model directory before Triton loads it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,20 @@ def _refuse(key: str, field: str) -> InvalidArtifact:
         f"artifact {key!r}: config.pbtxt field {field} names a file outside the model's own directory; "
         f"name a file inside the model's version directory (a relative name such as model.onnx)"
     )
+
+
+def check_config_fields(config: mc.ModelConfig, key: str) -> None:
+    """Raise InvalidArtifact naming the first field of `config` that reaches another model or runs an agent."""
+    if config.platform == "ensemble" or config.backend == "ensemble":
+        field = "platform" if config.platform == "ensemble" else "backend"
+        raise InvalidArtifact(f"artifact {key!r}: config.pbtxt field {field} makes it an ensemble, which calls "
+                              "other models by name and is not served here; serve each model as its own artifact")
+    if config.WhichOneof("scheduling_choice") == "ensemble_scheduling":
+        raise InvalidArtifact(f"artifact {key!r}: config.pbtxt field ensemble_scheduling calls other models by "
+                              "name, which is not served here; serve each model as its own artifact")
+    if config.HasField("model_repository_agents"):
+        raise InvalidArtifact(f"artifact {key!r}: config.pbtxt field model_repository_agents runs repository "
+                              "agents on the model before it loads, which this gateway does not allow; remove it")
 
 
 def check_config_paths(config: mc.ModelConfig, root: Path, versions: list[Path], key: str) -> None:

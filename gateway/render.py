@@ -11,7 +11,8 @@ A full `config.pbtxt` is kept with its name rewritten; otherwise one is rendered
 for the format and the backends the Triton in front of the gateway has: the native backend where it has it,
 else a Python-backend runner (ONNX, XGBoost, LightGBM), else a 422 saying which backend is missing.
 scikit-learn models are converted to ONNX at staging; pickles only when the operator allows them. Every file
-the final config names must lie inside the model (gateway.containment).
+the final config names must lie inside the model, and the artifact's config may not be an ensemble or name
+repository agents (gateway.containment).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from gateway.containment import check_config_paths
+from gateway.containment import check_config_fields, check_config_paths
 from gateway.convert import INPUT_NAME, OUTPUT_NAME, inspect_model, sklearn_to_onnx
 from gateway.errors import InvalidArtifact
 from gateway.frameworks import (TABULAR_MAX_BATCH_SIZE, TABULAR_QUEUE_DELAY_US, Format, detect, expected_files,
@@ -158,9 +159,11 @@ def _fill_io(config: mc.ModelConfig, signature: Signature) -> None:
 
 def _parse_config(path: Path, key: str) -> mc.ModelConfig:
     try:
-        return text_format.Parse(path.read_text(), mc.ModelConfig())
+        config = text_format.Parse(path.read_text(), mc.ModelConfig())
     except (text_format.ParseError, UnicodeDecodeError) as exc:
         raise InvalidArtifact(f"artifact {key!r}: config.pbtxt is not a valid Triton model config: {exc}") from None
+    check_config_fields(config, key)  # a full config or a fragment, before anything it says is acted on
+    return config
 
 
 def _kind(config: mc.ModelConfig) -> str:

@@ -1,11 +1,13 @@
 """An artifact cannot make the gateway or Triton open files outside itself (issue 10: a config.pbtxt with
 `default_model_filename: "/abs/path/other.onnx"` served another tenant's model, and `/etc/passwd` was
 opened). Against a real gateway: each escape is a 422 naming the TargetModel and the field, never a path, no
-load reaches Triton, and the model next door keeps answering."""
+load reaches Triton, and the model next door keeps answering. Issue 19: nor can it call another key's model
+(an ensemble)."""
 
 from __future__ import annotations
 
 import json
+import tarfile
 
 import pytest
 
@@ -69,3 +71,42 @@ def test_a_refused_artifact_fixed_under_a_new_name_is_served(s3_gateway: Gateway
     status, text = _infer(s3_gateway, key)
     assert status == 200, text
     assert json.loads(text)["outputs"][0]["name"] == "price"
+
+
+def test_an_ensemble_calling_another_keys_model_is_refused(s3_gateway: GatewayProcess, put_s3) -> None:  # type: ignore[no-untyped-def]
+    """Issue 19: an ensemble names other Triton models, and Triton names follow from store keys, so one key's
+    artifact could answer with another key's model. Refused with 422 naming the field; the neighbour is fine."""
+    assert _infer(s3_gateway, "Chicago_IL.tar.gz")[0] == 200  # another tenant's model, staged and loaded
+    (other,) = [p for p in (s3_gateway.cache_dir / "repo").glob("*/1/model.onnx") if "chicago" in str(p).lower()]
+    key = "contain/ensemble.tar.gz"
+    config = (f'platform: "ensemble"\nmax_batch_size: 0\n'
+              'input [{ name: "features" data_type: TYPE_FP32 dims: [-1, 6] }]\n'
+              'output [{ name: "price" data_type: TYPE_FP32 dims: [-1, 1] }]\n'
+              f'ensemble_scheduling {{ step [{{ model_name: "{other.parent.parent.name}" model_version: -1 '
+              'input_map { key: "features" value: "features" } output_map { key: "price" value: "price" } }] }\n')
+    version = tarfile.TarInfo("1")
+    version.type = tarfile.DIRTYPE
+    put_s3(key, tar_gz({"config.pbtxt": config.encode()}, [version]))
+    _assert_refused(s3_gateway, key, "platform")
+    status, text = _infer(s3_gateway, "Chicago_IL.tar.gz")  # the next normal request, for another model
+    assert status == 200, text
+
+
+def test_a_symlink_chain_is_refused_by_the_gateways_own_checks(s3_gateway: GatewayProcess, put_s3) -> None:  # type: ignore[no-untyped-def]
+    """Issue 19, item 10: `a -> .`, `a/b -> ..`, `b/file` was refused only by tarfile's data filter, whose
+    message held the staging path. Now the gateway's own checks refuse it, by member, with no path."""
+    def link(name: str, target: str) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = tarfile.SYMTYPE, target
+        return info
+
+    key = "contain/symlink-chain.tar.gz"
+    escaping = tarfile.TarInfo("b/file")
+    escaping.size = 1
+    put_s3(key, tar_gz({"model.onnx": onnx_model("Houston_TX").SerializeToString()},
+                       [link("a", "."), link("a/b", ".."), escaping]))
+    status, text = _infer(s3_gateway, key)
+    assert status == 422, text
+    assert key in text and "'a' -> '.' points to a directory" in text
+    assert str(s3_gateway.cache_dir) not in text and "/tmp" not in text
+    assert _infer(s3_gateway, "Chicago_IL.tar.gz")[0] == 200

@@ -102,3 +102,32 @@ def test_names_inside_the_model_are_accepted(tmp_path: Path) -> None:
     (root / "1" / "sub" / "graph.onnx").write_bytes(ONNX)
     root, rendered = render_model_dir(root, "m", "k", RenderOptions())
     assert rendered.framework == "onnx" and 'string_value: "sub/graph.onnx"' in (root / "config.pbtxt").read_text()
+
+
+# -- fields that reach other models or run before the load (issue 19, item 11) --------------------------------
+
+ENSEMBLE_STEPS = ('ensemble_scheduling { step [{ model_name: "other-tenants-model-0123abcd" model_version: -1 '
+                  'input_map { key: "features" value: "x" } output_map { key: "price" value: "y" } }] }\n')
+AGENTS = 'model_repository_agents { agents [{ name: "checksum" parameters { key: "MD5:1/model.py" value: "x" } }] }\n'
+
+
+@pytest.mark.parametrize("config, field", [
+    ('platform: "ensemble"\n' + ENSEMBLE_STEPS, "platform"),  # a full ensemble config
+    ('platform: "ensemble"\n', "platform"),
+    ('backend: "ensemble"\n', "backend"),
+    (PY_CONFIG + ENSEMBLE_STEPS, "ensemble_scheduling"),
+    (PY_CONFIG + AGENTS, "model_repository_agents"),
+    (PY_CONFIG + "model_repository_agents {}\n", "model_repository_agents"),
+])
+def test_a_full_config_may_not_call_other_models_or_name_repository_agents(tmp_path: Path, config: str,
+                                                                           field: str) -> None:
+    message = _refused(_artifact(tmp_path, config))
+    assert f"field {field}" in message and "other-tenants-model" not in message and "checksum" not in message
+
+
+@pytest.mark.parametrize("fragment, field", [(ENSEMBLE_STEPS, "ensemble_scheduling"),
+                                             (AGENTS, "model_repository_agents")])
+def test_a_fragment_over_a_bare_model_may_not_add_them_either(tmp_path: Path, fragment: str, field: str) -> None:
+    (tmp_path / "model.onnx").write_bytes(ONNX)
+    (tmp_path / "config.pbtxt").write_text(fragment)
+    assert f"field {field}" in _refused(tmp_path)
