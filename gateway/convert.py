@@ -5,7 +5,9 @@ scikit-learn tree whose node indices point out of range, can crash the process r
 when the operator allows one (`--allow-pickle`), runs code. Staging runs `python -m gateway.convert`, so a
 crash fails that one artifact with a 422, the libraries never sit in the gateway's memory, and the gateway
 process itself never unpickles anything. The child answers one JSON line; its messages name files by their
-name inside the artifact only, and details go to the gateway's log.
+name inside the artifact only, and details go to the gateway's log. The child gets the allow-listed
+environment (`gateway.isolation`: none of the gateway's secrets) and, before it reads anything, limits its
+own memory, CPU time, open files and file size, so a hostile file fails that artifact (422) and nothing else.
 
 scikit-learn models become ONNX (skl2onnx) and are then served like any ONNX model; a `model.skops` file
 (skops' format, which builds only allowed types instead of running code) needs no opt-in.
@@ -13,8 +15,11 @@ scikit-learn models become ONNX (skl2onnx) and are then served like any ONNX mod
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import resource
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,10 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import InvalidArtifact
+from gateway.isolation import child_env
 
 log = logging.getLogger(__name__)
 
 CHILD_TIMEOUT_S = 120.0
+# The child's limits. Memory (RLIMIT_DATA: heap and anonymous mappings) and the largest file it may write grow
+# with the model file; CPU time matches the wall-clock bound; file descriptors are what Python and the
+# libraries need, with room.
+CHILD_MEMORY_FLOOR_BYTES = 2 << 30
+CHILD_MEMORY_PER_MODEL_BYTE = 8
+CHILD_MAX_FILES = 256
 INPUT_NAME = "input__0"  # FIL's names, so an artifact answers to the same names on every Triton
 OUTPUT_NAME = "output__0"
 # skops refuses scikit-learn's tree storage by default because predicting with corrupt node indices can
@@ -45,19 +57,25 @@ class TabularModel:
 
 def inspect_model(framework: str, path: Path, key: str) -> TabularModel:
     """Read an XGBoost or LightGBM model file in a child process; InvalidArtifact if it is not one."""
-    answer = _run_child(["inspect", framework, str(path)], key)
+    answer = _run_child(["inspect", framework, str(path)], key, path)
     return TabularModel(**answer)
 
 
 def sklearn_to_onnx(path: Path, dest: Path, key: str, allow_pickle: bool) -> None:
     """Write the scikit-learn model in `path` (skops, or a pickle when allowed) to `dest` as ONNX."""
-    _run_child(["sklearn", str(path), str(dest), "pickle" if allow_pickle else "no-pickle"], key)
+    _run_child(["sklearn", str(path), str(dest), "pickle" if allow_pickle else "no-pickle"], key, path)
 
 
-def _run_child(args: list[str], key: str) -> dict[str, Any]:
+def child_memory_bytes(model_bytes: int) -> int:
+    """The child's memory (and written-file) limit for a model file of `model_bytes`."""
+    return CHILD_MEMORY_FLOOR_BYTES + CHILD_MEMORY_PER_MODEL_BYTE * model_bytes
+
+
+def _run_child(args: list[str], key: str, model: Path) -> dict[str, Any]:
+    memory = child_memory_bytes(model.stat().st_size)
     try:
-        proc = subprocess.run([sys.executable, "-m", "gateway.convert", *args], capture_output=True,
-                              timeout=CHILD_TIMEOUT_S, check=False)
+        proc = subprocess.run([sys.executable, "-m", "gateway.convert", str(memory), *args], capture_output=True,
+                              timeout=CHILD_TIMEOUT_S, check=False, env=child_env())
     except subprocess.TimeoutExpired:
         raise InvalidArtifact(f"artifact {key!r}: reading the model took over {CHILD_TIMEOUT_S:.0f}s") from None
     lines = proc.stdout.decode(errors="replace").strip().splitlines()
@@ -69,8 +87,32 @@ def _run_child(args: list[str], key: str) -> dict[str, Any]:
         return dict(answer["ok"])
     log.warning("model.convert_failed", extra={"model": key, "code": proc.returncode,
                                                 "stderr": proc.stderr.decode(errors="replace")[-4000:]})
-    why = answer.get("error") or f"the process reading it ended with code {proc.returncode}"
+    why = answer.get("error") or _ended(proc.returncode)
     raise InvalidArtifact(f"artifact {key!r}: {why}")
+
+
+def _ended(code: int) -> str:
+    """Why the child ended without an answer, in the client's terms."""
+    if code == -signal.SIGXCPU:
+        return f"reading the model used more than its {CHILD_TIMEOUT_S:.0f} s of CPU time"
+    if code == -signal.SIGKILL:
+        return "the process reading it was killed (past its CPU time, or out of memory)"
+    if code < 0:
+        return f"the process reading it crashed ({signal.Signals(-code).name})"
+    return f"the process reading it ended with code {code}"
+
+
+def _limit_self(memory: int) -> None:
+    """Lower this process's limits (for good: the hard limits too) before it reads anything."""
+    cpu = int(CHILD_TIMEOUT_S)
+    for limit, soft, hard in ((resource.RLIMIT_DATA, memory, memory), (resource.RLIMIT_FSIZE, memory, memory),
+                              (resource.RLIMIT_CPU, cpu, cpu + 5),  # SIGXCPU at the soft limit, SIGKILL after
+                              (resource.RLIMIT_NOFILE, CHILD_MAX_FILES, CHILD_MAX_FILES),
+                              (resource.RLIMIT_CORE, 0, 0)):
+        _, current = resource.getrlimit(limit)
+        if current != resource.RLIM_INFINITY:
+            soft, hard = min(soft, current), min(hard, current)
+        resource.setrlimit(limit, (soft, hard))
 
 
 # -- the child -------------------------------------------------------------------------------------------
@@ -160,14 +202,33 @@ def _child(args: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
+    """`python -m gateway.convert MEMORY_BYTES REQUEST...`: one JSON line, {"ok": ...} or {"error": ...}."""
+    memory = int(argv[0])
+    _limit_self(memory)
     try:
-        print(json.dumps({"ok": _child(argv)}))
+        print(json.dumps({"ok": _child(argv[1:])}))
         return 0
+    except (MemoryError, OSError) as exc:
+        over = _over_limit(exc, memory)
+        if over is None:
+            raise
+        print(json.dumps({"error": over}))
+        return 1
     except _Refused as exc:
-        print(json.dumps({"error": str(exc)}))
+        print(json.dumps({"error": _over_limit(exc.__cause__, memory) or str(exc)}))
         if exc.__cause__ is not None:
             print(f"{type(exc.__cause__).__name__}: {exc.__cause__}", file=sys.stderr)
         return 1
+
+
+def _over_limit(exc: BaseException | None, memory: int) -> str | None:
+    """The client's message when `exc` is one of the child's limits being reached (Python ignores SIGXFSZ,
+    so a write past RLIMIT_FSIZE is an EFBIG error here, not a signal), else None."""
+    if isinstance(exc, MemoryError):
+        return f"reading the model needed more than its limit of {memory} bytes of memory"
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+        return f"reading the model wrote a file over its limit of {memory} bytes"
+    return None
 
 
 if __name__ == "__main__":
