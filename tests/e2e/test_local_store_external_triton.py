@@ -34,9 +34,11 @@ def external_gateway(local_store: Path, tmp_path_factory: pytest.TempPathFactory
         await control.close()
 
     asyncio.run(ready())
+    key_file = work / "triton-api-key"
+    key_file.write_text(triton.api_key)  # the secret its restricted APIs expect, as compose hands it over
     gw = GatewayProcess(
         ["--store", str(local_store), "--triton-http-url", triton.http_url, "--triton-grpc-url", triton.grpc_url,
-         "--onnx-backend", "python", "--etag-ttl", "0"],
+         "--triton-api-key-file", str(key_file), "--onnx-backend", "python", "--etag-ttl", "0"],
         work,
     )
     try:
