@@ -2,8 +2,12 @@
 
 A TargetModel is a key relative to the store prefix, such as `cities/Houston_TX.tar.gz`. Triton model names
 may not contain `/` and double as directory names in the model repository, so each key maps to a readable,
-unique name: a slug of the key plus a short hash of the store and key (two keys whose slugs collide still
-get distinct names, and two stores never share a name in one Triton).
+unique name: a slug of the key plus 128 bits of a hash of the store and key. Keys that share a long prefix
+share a slug, so the hash alone tells them apart: 32 bits, as names once had, let one of a few hundred
+thousand such keys take another's name, and a pair was found by brute force in a tenth of a second. With 128
+bits an accidental collision is out of reach and a deliberate one costs some 2^64 hashes; should one happen
+anyway, the manager refuses the second key rather than answering with the first key's model. Two stores
+never share a name in one Triton.
 """
 
 from __future__ import annotations
@@ -21,15 +25,17 @@ _SHOWN = 80
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 SLUG_MAX = 48  # characters of the readable part of a Triton name
-HASH_HEX = 8  # hex digits of the hash that makes a Triton name unique
+HASH_HEX = 32  # hex digits of the hash that makes a Triton name unique: 128 bits (names are at most 81 characters)
 
 
 @dataclass(frozen=True)
 class ModelKey:
-    """A validated TargetModel and its Triton name."""
+    """A validated TargetModel, the namespace it is a key in (the store's URL, or a registered model's) and
+    its Triton name. Two ModelKeys are the same model only if all three are equal."""
 
     key: str
     triton_name: str
+    namespace: str = ""
 
     def __str__(self) -> str:
         return self.key
@@ -77,12 +83,22 @@ def _slug(key: str) -> str:
 
 
 def triton_name_for(key: str, namespace: str = "") -> str:
-    """The Triton model name for `key`: `<slug>-<8 hex>`; the hash covers the namespace (store URL) too."""
+    """The Triton model name for `key`: `<slug>-<32 hex>`; the hash covers the namespace (store URL) too."""
     digest = hashlib.sha256(f"{namespace}\0{key}".encode()).hexdigest()[:HASH_HEX]
     return f"{_slug(key)}-{digest}"
+
+
+def is_name_of(triton_name: str, key: str, namespace: str) -> bool:
+    """Whether `triton_name` is the name `key` of `namespace` has now: how the staging area tells its own
+    directories from ones left by an older naming or damaged metadata."""
+    try:
+        validate_key(key)
+    except InvalidModelKey:
+        return False
+    return triton_name_for(key, namespace) == triton_name
 
 
 @functools.lru_cache(maxsize=65536)
 def model_key(key: str, namespace: str = "") -> ModelKey:
     """Validate `key` and pair it with its Triton name (cached: every request resolves its key)."""
-    return ModelKey(key=validate_key(key), triton_name=triton_name_for(key, namespace))
+    return ModelKey(key=validate_key(key), triton_name=triton_name_for(key, namespace), namespace=namespace)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import gzip
+import hashlib
 import json
 import zlib
 from pathlib import Path
@@ -18,13 +19,13 @@ from tritonclient.grpc import service_pb2 as pb
 from gateway import redact
 from gateway.api.grpc_auth import OPEN as GRPC_OPEN
 from gateway.api.grpc_auth import method_scope
-from gateway.api.guard import ANY_KEY, OPEN, is_sagemaker_runtime, required_scope
+from gateway.api.guard import ANY_KEY, OPEN, is_sagemaker_runtime, read_head, required_scope
 from gateway.errors import InvalidModelKey, InvalidRequest, ModelNotFound, RequestTooLarge, UnsupportedEncoding
 from gateway.grpc_wire import scan_request
 from gateway.infer_limits import check_grpc_request, check_http_request, inflate
 from gateway.keys import KeyRing, digest, key_line, new_key, parse_keys
-from gateway.naming import validate_key
-from gateway.sigv4 import SigV4Failure, verify
+from gateway.naming import triton_name_for, validate_key
+from gateway.sigv4 import SigV4Failure, check_head, verify
 from gateway.store.path import resolve_under
 
 # -- keys -------------------------------------------------------------------------------------------------
@@ -135,6 +136,62 @@ def test_sigv4_refuses_a_signature_outside_the_15_minute_window() -> None:
     later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=16)
     with pytest.raises(SigV4Failure, match="expired"):
         verify("POST", "/endpoints/my%20ep/invocations", "", headers, b"x", "AKID", "secret", now=later)
+
+
+def _signed_with(headers: dict[str, str], body: bytes = b"1,2,3", service: str = "sagemaker",
+                 secret: str = "secret") -> dict[str, str]:
+    request = AWSRequest(method="POST", url="http://127.0.0.1:8080/invocations", data=body, headers=headers)
+    SigV4Auth(Credentials("AKID", secret), service, "us-east-1").add_auth(request)
+    return {"host": "127.0.0.1:8080", **{k.lower(): v for k, v in request.headers.items()}}
+
+
+def test_sigv4_headers_that_change_what_a_request_does_must_be_signed_and_scoped_to_sagemaker() -> None:
+    base = {"Content-Type": "text/csv"}
+    cases = [  # (headers as they arrive, the code): each refused by check_head, before any body is read
+        ({**_signed_with(base), "x-amzn-sagemaker-target-model": "a/b.tar.gz"}, "IncompleteSignatureException"),
+        ({**_signed_with({}), "content-type": "text/csv"}, "IncompleteSignatureException"),
+        ({**_signed_with(base), "x-amz-content-sha256": "0" * 64}, "IncompleteSignatureException"),
+        (_signed_with({**base, "X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD"}), "InvalidSignatureException"),
+        (_signed_with(base, service="s3"), "InvalidSignatureException"),
+    ]
+    for headers, code in cases:
+        with pytest.raises(SigV4Failure) as refused:
+            check_head("POST", "/invocations", "", headers, "AKID", "secret")
+        assert refused.value.code == code, headers
+    unsigned_date = _signed_with(base)
+    unsigned_date["authorization"] = unsigned_date["authorization"].replace(";x-amz-date,", ",")
+    with pytest.raises(SigV4Failure, match="x-amz-date"):
+        check_head("POST", "/invocations", "", unsigned_date, "AKID", "secret")
+    checked = check_head("POST", "/invocations", "", _signed_with(base), "AKID", "secret")
+    assert not checked.verified  # boto3's form: the signature covers a hash only the body gives
+    checked.check_body(hashlib.sha256(b"1,2,3").hexdigest())
+    with pytest.raises(SigV4Failure):
+        checked.check_body(hashlib.sha256(b"1,2,4").hexdigest())
+
+
+def test_a_signed_content_hash_decides_the_signature_before_the_body_and_the_body_must_match_it() -> None:
+    declared = {"Content-Type": "text/csv", "X-Amz-Content-SHA256": hashlib.sha256(b"1,2,3").hexdigest()}
+    checked = check_head("POST", "/invocations", "", _signed_with(declared), "AKID", "secret")
+    assert checked.verified
+    checked.check_body(hashlib.sha256(b"1,2,3").hexdigest())
+    with pytest.raises(SigV4Failure, match="X-Amz-Content-SHA256"):
+        checked.check_body(hashlib.sha256(b"1,2,4").hexdigest())
+    with pytest.raises(SigV4Failure) as refused:  # a wrong secret is found from the headers alone
+        check_head("POST", "/invocations", "", _signed_with(declared, secret="other"), "AKID", "secret")
+    assert refused.value.code == "InvalidSignatureException"
+
+
+def test_the_guard_reads_repeats_and_body_framing_from_the_headers() -> None:
+    head = read_head([(b"host", b"x"), (b"authorization", b"Bearer a"), (b"content-length", b"0"),
+                      (b"x-amzn-sagemaker-target-model", b"a"), (b"accept", b"*/*"), (b"accept", b"*/*")])
+    assert head.repeated is None and head.authorization == "Bearer a" and not head.has_body
+    head = read_head([(b"authorization", b"Bearer a"), (b"transfer-encoding", b"chunked"),
+                      (b"authorization", b"Bearer b"), (b"x-amzn-sagemaker-target-model", b"a"),
+                      (b"x-amzn-sagemaker-target-model", b"b")])
+    assert head.repeated == "authorization" and head.authorization == "Bearer a" and head.has_body
+    assert read_head([(b"content-length", b"12")]).has_body
+    for name in (b"host", b"content-type", b"x-amz-date", b"x-amz-content-sha256", b"x-amzn-sagemaker-target-model"):
+        assert read_head([(name, b"1"), (name, b"1")]).repeated == name.decode()
 
 
 # -- request limits ---------------------------------------------------------------------------------------
@@ -268,16 +325,17 @@ def test_a_key_segment_over_255_bytes_is_refused_and_messages_stay_short() -> No
 
 
 def test_public_text_keeps_the_model_and_cause_and_drops_the_insides() -> None:
+    internal = triton_name_for("cities/Houston_TX.tar.gz", "s3://b/p")
     redact.configure({"/srv/cache": "<cache>", "127.0.0.1:8001": "<triton>"},
-                     lambda: {"houston_tx-1a2b3c4d": "cities/Houston_TX.tar.gz"})
+                     lambda: {internal: "cities/Houston_TX.tar.gz"})
     try:
-        text = ("load failed for 'houston_tx-1a2b3c4d': Traceback (most recent call last):\n"
-                '  File "/srv/cache/repo/houston_tx-1a2b3c4d/1/model.py", line 3, in initialize\n'
+        text = (f"load failed for '{internal}': Traceback (most recent call last):\n"
+                f'  File "/srv/cache/repo/{internal}/1/model.py", line 3, in initialize\n'
                 "    raise RuntimeError('boom')\nRuntimeError: boom at /var/lib/x/y.bin via http://10.0.0.5:9000/b "
                 "and 127.0.0.1:8001")
         shown = redact.public(text)
         assert "cities/Houston_TX.tar.gz" in shown and "RuntimeError: boom" in shown
-        for hidden in ("houston_tx-1a2b3c4d", "Traceback", "/srv/cache", "/var/lib", "10.0.0.5", "127.0.0.1"):
+        for hidden in (internal, "Traceback", "/srv/cache", "/var/lib", "10.0.0.5", "127.0.0.1"):
             assert hidden not in shown, hidden
         assert redact.public("TargetModel 'a/b/c.tar.gz' has shape [1, 6]") == "TargetModel 'a/b/c.tar.gz' has shape [1, 6]"
     finally:
