@@ -7,12 +7,20 @@ the body actually carries and against `--max-request-bytes`, and a compressed bo
 the same cap (Triton would inflate it without one). Only the JSON part is parsed: binary tensor bytes are
 counted, never read. Every refusal is a 400 (malformed or inconsistent), 413 (too large) or 415 (an
 encoding the gateway does not inflate), naming the TargetModel and the input.
+
+Every check is linear in the bytes the client sent, with small constants, because it runs on the event loop:
+shapes have at most `MAX_DIMS` dimensions of at most int64 each (a million-dimension shape made the product a
+big integer, quadratic to compute: 18 s of a frozen gateway), and client text quoted in a message is cut to
+`SHOWN` characters. What is checked is what Triton reads: a JSON object with a key twice is refused (Python
+keeps the last `"shape"`, Triton's parser the first: `{"shape":[25000000,6],"shape":[1,6]}` passed the check
+and made Triton allocate the first), and the Inference-Header-Content-Length forwarded is the number checked.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -29,13 +37,40 @@ BYTES = "BYTES"  # variable width: at least its 4-byte length prefix per element
 _HEADER_LENGTH = "inference-header-content-length"
 _INFLATE = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+MAX_DIMS = 32  # dimensions of one tensor; models take a handful, and Triton's own limit is not lower in practice
+MAX_DIM = (1 << 63) - 1  # Triton reads each dimension as an int64
+SHOWN = 80  # characters of client text (names, datatypes, shapes) quoted back in an error message
+_LENGTH = re.compile(r"[0-9]{1,19}")  # ASCII digits only: str.isdigit() takes '²', which int() refuses
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` cut to `SHOWN` characters: messages echo client text, which may be megabytes."""
+    text = repr(value) if not isinstance(value, (list, tuple)) or len(value) <= MAX_DIMS else (
+        f"[{len(value)} dimensions]")
+    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`object_pairs_hook` refusing an object that names a key twice, at any depth."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _DuplicateKey(name)
+            seen.add(name)
+    return document
 
 
 def inflate(key: str, body: bytes, encoding: str, cap: int) -> bytes:
     """`body` decoded from gzip or deflate, never past `cap` bytes (a 1 MB bomb stops at the cap)."""
     wbits = _INFLATE.get(encoding.strip().lower())
     if wbits is None:
-        raise UnsupportedEncoding(f"TargetModel {key!r}: Content-Encoding {encoding!r} is not supported: send the "
+        raise UnsupportedEncoding(f"TargetModel {key!r}: Content-Encoding {shown(encoding)} is not supported: send the "
                                   "body as it is, or gzip or deflate")
     inflater = zlib.decompressobj(wbits)
     try:
@@ -65,10 +100,16 @@ def _count(data: Any) -> int:
 
 
 def elements(key: str, name: str, shape: Any) -> int:
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                       for d in shape):
-        raise InvalidRequest(f"TargetModel {key!r}: input {name!r} has shape {shape!r}; expected a list of "
-                             "non-negative integers")
+    """The element count of a declared shape: at most `MAX_DIMS` non-negative int64 dimensions."""
+    if not isinstance(shape, (list, tuple)):
+        raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)} has shape {shown(shape)}; expected a list "
+                             "of non-negative integers")
+    if len(shape) > MAX_DIMS:
+        raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)} has a shape of {len(shape)} dimensions; "
+                             f"the gateway takes at most {MAX_DIMS}")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape):
+        raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)} has shape {shown(shape)}; expected a list "
+                             "of non-negative integers (int64)")
     return math.prod(shape)
 
 
@@ -78,16 +119,22 @@ def declared_bytes(key: str, name: str, datatype: Any, count: int) -> int:
         return 4 * count
     width = WIDTHS.get(datatype) if isinstance(datatype, str) else None
     if width is None:
-        raise InvalidRequest(f"TargetModel {key!r}: input {name!r} has datatype {datatype!r}; expected one of "
-                             f"{', '.join([*WIDTHS, BYTES])}")
+        raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)} has datatype {shown(datatype)}; expected "
+                             f"one of {', '.join([*WIDTHS, BYTES])}")
     return width * count
 
 
 def _parse_header(key: str, text: bytes) -> dict[str, Any]:
     try:
-        request = json.loads(text.decode())  # decoded here: json's own encoding sniffing costs more
+        # decoded here: json's own encoding sniffing costs more
+        request = json.loads(text.decode(), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise InvalidRequest(f"TargetModel {key!r}: the request names {shown(exc.args[0])} twice in one object; "
+                             "each key may appear once") from None
+    except RecursionError:
+        raise InvalidRequest(f"TargetModel {key!r}: the request's JSON is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"TargetModel {key!r}: the request is not valid JSON ({exc})") from None
+        raise InvalidRequest(f"TargetModel {key!r}: the request is not valid JSON ({shown(str(exc))})") from None
     if not isinstance(request, dict):
         raise InvalidRequest(f"TargetModel {key!r}: the request must be a JSON object with \"inputs\"")
     inputs = request.get("inputs")
@@ -115,7 +162,8 @@ def check_http_request(key: str, body: Body, headers: Mapping[str, str], cap: in
     A body may come as the parts it arrived in: only its JSON header is read, and the tensor bytes after it
     are forwarded as they came, never joined."""
     headers = {k.lower(): v for k, v in headers.items()}
-    fwd = {k: v for k, v in headers.items() if k in ("content-type", _HEADER_LENGTH, "accept-encoding")}
+    # No Accept-Encoding: a compressed answer could not have Triton's internal name taken out of it.
+    fwd = {k: v for k, v in headers.items() if k in ("content-type", _HEADER_LENGTH)}
     parts: Sequence[bytes] = (body,) if isinstance(body, bytes) else body or (b"",)
     encoding = headers.get("content-encoding")
     if encoding and encoding.strip().lower() != "identity":
@@ -129,43 +177,44 @@ def check_http_request(key: str, body: Body, headers: Mapping[str, str], cap: in
             parts = (body,)
         header_length = total
     else:
-        if not length_text.strip().isdigit() or int(length_text) > total:
-            raise InvalidRequest(f"TargetModel {key!r}: Inference-Header-Content-Length {length_text!r} is not a "
-                                 f"length within the {total}-byte body")
+        if not _LENGTH.fullmatch(length_text.strip()) or int(length_text) > total:
+            raise InvalidRequest(f"TargetModel {key!r}: Inference-Header-Content-Length {shown(length_text)} is not "
+                                 f"a length within the {total}-byte body")
         header_length = int(length_text)
+        fwd[_HEADER_LENGTH] = str(header_length)  # the number checked, not the client's spelling of it
     request = _parse_header(key, _prefix(parts, header_length))
     binary_total, declared_total = 0, 0
     for tensor in request["inputs"]:
         name = tensor.get("name")
         if not isinstance(name, str) or not name:
-            raise InvalidRequest(f"TargetModel {key!r}: every input needs a \"name\"")
+            raise InvalidRequest(f"TargetModel {key!r}: every input needs a \"name\" (a non-empty string)")
         count = elements(key, name, tensor.get("shape"))
         size = declared_bytes(key, name, tensor.get("datatype"), count)
         declared_total += size
         if declared_total > cap:
             raise RequestTooLarge(f"TargetModel {key!r}: the inputs declare more than the gateway's limit of {cap} "
-                                  f"bytes (input {name!r}: shape {tensor['shape']})")
+                                  f"bytes (input {shown(name)}: shape {shown(tensor['shape'])})")
         parameters = tensor.get("parameters") or {}
         if not isinstance(parameters, dict):
-            raise InvalidRequest(f"TargetModel {key!r}: input {name!r}: \"parameters\" must be an object")
+            raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)}: \"parameters\" must be an object")
         if any(p in parameters for p in _SHARED_MEMORY):
-            raise InvalidRequest(f"TargetModel {key!r}: input {name!r}: shared memory is not available through "
+            raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)}: shared memory is not available through "
                                  "the gateway")
         binary = parameters.get("binary_data_size")
         if binary is not None:
             exact = tensor["datatype"] != BYTES
             if not isinstance(binary, int) or isinstance(binary, bool) or binary < 0 or (
                     binary != size if exact else binary < size):
-                raise InvalidRequest(f"TargetModel {key!r}: input {name!r}: binary_data_size {binary!r} does not "
-                                     f"match shape {tensor['shape']} of {tensor['datatype']} ({size} bytes)")
+                raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)}: binary_data_size {shown(binary)} does "
+                                     f"not match shape {tensor['shape']} of {tensor['datatype']} ({size} bytes)")
             binary_total += binary
         elif "data" in tensor:
             found = _count(tensor["data"])
             if found != count:
-                raise InvalidRequest(f"TargetModel {key!r}: input {name!r} declares shape {tensor['shape']} "
+                raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)} declares shape {tensor['shape']} "
                                      f"({count} elements) but its data holds {found}")
         else:
-            raise InvalidRequest(f"TargetModel {key!r}: input {name!r} has neither \"data\" nor binary data")
+            raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)} has neither \"data\" nor binary data")
     if binary_total != total - header_length:
         raise InvalidRequest(f"TargetModel {key!r}: the inputs' binary_data_size add up to {binary_total} bytes "
                              f"but {total - header_length} follow the JSON header")
@@ -191,24 +240,25 @@ def check_grpc_request(request: RequestScan, cap: int) -> None:
     declared_total = 0
     for position, tensor in enumerate(inputs):
         name, datatype, shape = tensor.name, tensor.datatype, tensor.shape[:]  # a list; twice as fast as list()
-        # protobuf dims are ints already: only a negative one needs `elements` (which says what is wrong)
-        count = math.prod(shape) if not shape or min(shape) >= 0 else elements(key, name, shape)
+        # protobuf dims are int64 already: only a negative one or too many need `elements` (which says why)
+        count = math.prod(shape) if not shape or (len(shape) <= MAX_DIMS and min(shape) >= 0) else elements(
+            key, name, shape)
         size = declared_bytes(key, name, datatype, count)
         declared_total += size
         if declared_total > cap:
             raise RequestTooLarge(f"TargetModel {key!r}: the inputs declare more than the gateway's limit of {cap} "
-                                  f"bytes (input {name!r}: shape {shape})")
+                                  f"bytes (input {shown(name)}: shape {shape})")
         if tensor.parameters and any(p in tensor.parameters for p in _SHARED_MEMORY):
-            raise InvalidRequest(f"TargetModel {key!r}: input {name!r}: shared memory is not available through "
+            raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)}: shared memory is not available through "
                                  "the gateway")
         if raw:
             got = raw[position]
             if got != size if datatype != BYTES else got < size:
-                raise InvalidRequest(f"TargetModel {key!r}: input {name!r} declares shape {shape} of "
+                raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)} declares shape {shape} of "
                                      f"{datatype} ({size} bytes) but carries {got}")
             continue
         field = _CONTENTS.get(datatype)
         found = len(getattr(tensor.contents, field)) if field else 0
         if found != count:
-            raise InvalidRequest(f"TargetModel {key!r}: input {name!r} declares shape {shape} "
+            raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)} declares shape {shape} "
                                  f"({count} elements) but its contents hold {found}")
