@@ -35,7 +35,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.grpc_wire import RequestScan, WireError, rename, renamed, scan_request
-from gateway.infer_limits import check_grpc_request, check_http_request
+from gateway.infer_limits import check_grpc_request, check_http_request, shown
 from gateway.manager import Lease, ModelManager
 from gateway.naming import ModelKey
 from gateway.metrics import Metrics
@@ -53,6 +53,7 @@ _HEADER_LENGTH = "inference-header-content-length"
 _UNKNOWN_MODEL = b"unknown model"  # Triton's words for a model it does not have loaded
 _STUB_DIED = re.compile(rb"[Ss]tub process.{0,200}(not healthy|unhealthy|died|exited|terminated)")
 _METADATA_CACHE_SIZE = 1024
+_VERSION = re.compile(r"[0-9]{1,19}")  # Triton's model versions are int64 numbers; nothing else reaches its path
 UNLOAD_WAIT_S = 10.0  # how long an unload waits for the model's requests and load in progress to end
 _POLL_S = 0.02
 TRITON_STATES = {State.READY: "READY", State.STAGING: "LOADING", State.LOADING: "LOADING",
@@ -139,6 +140,16 @@ def rename_message(message: Message, triton_name: str, key: str) -> None:
                 value[:] = [v.replace(triton_name, key) for v in value]
             elif triton_name in value:
                 setattr(message, field.name, value.replace(triton_name, key))
+
+
+def model_path(triton_name: str, version: str | None, suffix: str = "") -> str:
+    """Triton's HTTP path for a model (and version): the version must be a number, since it is written into
+    the request line (a CR/LF in it would inject headers into a pooled connection and hang the model)."""
+    if version is None:
+        return f"/v2/models/{triton_name}{suffix}"
+    if not _VERSION.fullmatch(version):
+        raise InvalidRequest(f"model version {shown(version)} is not a version number (digits only)")
+    return f"/v2/models/{triton_name}/versions/{version}{suffix}"
 
 
 def upstream_error(exc: grpc.aio.AioRpcError, names: Mapping[str, str]) -> TritonRpcError:
@@ -319,7 +330,7 @@ class DataPlane:
     async def forward_infer(self, rec: ModelRecord, key: str, body: Body, headers: Mapping[str, str],
                             version: str | None = None) -> Forwarded:
         """POST a KServe v2 HTTP infer body for a held model; the answer names `key`, errors included."""
-        path = f"/v2/models/{rec.name}" + (f"/versions/{version}" if version else "") + "/infer"
+        path = model_path(rec.name, version, "/infer")
         with Watch(self.manager, rec, key, self.infer_timeout_s):
             answer = await self.http.request("POST", path, body, headers)
         if answer.status >= 400:
@@ -346,6 +357,8 @@ class DataPlane:
         `serving` without its generator layer: this is nearly every request."""
         with Outcome(self.metrics, protocol) as outcome:
             body, headers = self.checked_body(key, body, headers)
+            if version is not None:
+                model_path("", version)  # refused before a model is loaded for it
             async with self.holding(key) as rec:
                 answer = await self.forward_infer(rec, key, body, headers, version)
                 outcome.status = answer.status
@@ -404,8 +417,10 @@ class DataPlane:
 
     async def resource_json(self, key: str, suffix: str, version: str | None = None) -> Forwarded:
         """Metadata (`suffix` ""), `/config` or `/stats` of `key` over HTTP, every internal name renamed."""
+        model_path("", version)  # a bad version is refused before the model is loaded for it
+
         async def fetch(rec: ModelRecord) -> Forwarded:
-            path = f"/v2/models/{rec.name}" + (f"/versions/{version}" if version else "") + suffix
+            path = model_path(rec.name, version, suffix)
             answer = await self.http.request("GET", path)
             if answer.status != 200:
                 return restore_model_name(answer, rec.name, key)
