@@ -265,6 +265,19 @@ def rename(buf: Buffer, new_name: str) -> tuple[str, bytes]:
     return _text(buf, start, stop, "model_name"), _with_name(buf, spans, new_name)
 
 
+def stream_response_model(buf: Buffer) -> str:
+    """The `infer_response.model_name` of a serialized ModelStreamInferResponse ("" when it has none)."""
+    view = buf if isinstance(buf, memoryview) else memoryview(buf)
+    name = ""
+    for tag, _, value, stop in fields(view):
+        if tag == INFER_RESPONSE:  # the last one wins, as for a parser (repeated ones are merged)
+            inner = view[value:stop]
+            spans, name_start, name_stop = _name_fields(inner)
+            if spans:
+                name = _text(inner, name_start, name_stop, "model_name")
+    return name
+
+
 def rename_stream_response(buf: Buffer, names: Mapping[str, str], error: Callable[[str], str]) -> bytes:
     """A serialized ModelStreamInferResponse with its `infer_response.model_name` mapped through `names` (a
     name not in it is kept) and its `error_message`, when there is one, replaced by `error(message)`: the

@@ -12,9 +12,10 @@ rewritten back to the TargetModel, so tritonclient and perf_analyzer find the na
   only each input's declaration (with its typed contents, if it has any); raw tensors are never decoded,
   and the gateway copies them once each way. The edge runs on uvloop, where grpc.aio measured ~30% cheaper.
 - ModelStreamInfer is forwarded as one upstream stream per client stream, each request and answer edited
-  in its bytes the same way; the stream holds a lease on each model it has used until it closes, so no
-  model is unloaded under an open stream. A request the gateway refuses gets an error answer in the
-  stream (naming its model and id, as Triton does) and the stream goes on.
+  in its bytes the same way; each request holds a concurrency slot and a lease on its model from when it
+  is sent until its answer comes back, so no model is unloaded under a request in flight and an idle stream
+  holds nothing. A request the gateway refuses gets an error answer in the stream (naming its model and id,
+  as Triton does) and the stream goes on.
 - The repository calls are the data plane's, mapped to the gateway's own lifecycle, not to Triton's
   repository, which holds internal names.
 - Server-wide settings of the shared Triton (shared memory, trace, log settings) are refused with
@@ -24,8 +25,10 @@ rewritten back to the TargetModel, so tritonclient and perf_analyzer find the na
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+from contextlib import AbstractAsyncContextManager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -35,8 +38,8 @@ from tritonclient.grpc import service_pb2 as pb
 
 from gateway.api.grpc_auth import KeyInterceptor
 from gateway.dataplane import UNLOAD_WAIT_S, DataPlane, http_status, rename_text, scan_grpc_request
-from gateway.errors import GatewayError, ModelBusy
-from gateway.grpc_wire import WireError, rename_stream_response, renamed
+from gateway.errors import GatewayError, ModelBusy, Throttled
+from gateway.grpc_wire import WireError, rename_stream_response, renamed, stream_response_model
 from gateway.infer_limits import check_grpc_request
 from gateway.keys import KeyRing
 from gateway.records import ModelRecord
@@ -49,6 +52,8 @@ PROTOCOL = "kserve_grpc"  # the `protocol` label of mme_requests_total
 
 _CALL_TIMEOUT_S = 10.0  # metadata, config, statistics: Triton answers these from memory
 _STREAM_TIMEOUT_S = 3600.0  # upper bound on one ModelStreamInfer stream when the client sets no deadline
+STREAM_WINDOW = 64  # requests in flight on one stream, and answers queued for a client that reads slowly
+_SLOW_READER_S = 30.0  # how long answers may wait for a client that reads none before its stream is ended
 # SO_REUSEPORT off: a second gateway on the same port must fail to start, not share the port silently.
 _SERVER_OPTIONS = [*UNLIMITED, ("grpc.so_reuseport", 0)]
 _FRAMING_BYTES = 1 << 16  # a request message's names, shapes and parameters beside its tensor bytes
@@ -302,42 +307,39 @@ class GrpcEdge:
     async def _model_stream_infer(self, requests: AsyncIterator[bytes],
                                   context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """One upstream stream per client stream. Requests the gateway refuses (unknown model, bad key, ...)
-        get an error response in the stream, as Triton does, and the stream goes on."""
+        get an error response in the stream, as Triton does, and the stream goes on. What a stream holds is
+        bounded: a request's slot and lease from when it is sent until its answer comes back (see `_Held`),
+        at most `STREAM_WINDOW` requests in flight, and at most as many answers queued for a slow reader."""
         upstream = self.dp.grpc.stream(_remaining(context, _STREAM_TIMEOUT_S))
-        out: asyncio.Queue[bytes | TritonRpcError | None] = asyncio.Queue()
-        names: dict[str, str] = {}  # Triton name -> TargetModel, to rename the answers
-        async with contextlib.AsyncExitStack() as held:
-            pump = asyncio.create_task(self._pump(requests, upstream, context, held, names, out))
-            relay = asyncio.create_task(self._relay(upstream, names, out))
-            try:
-                while (item := await out.get()) is not None:
-                    if isinstance(item, TritonRpcError):
-                        await self._abort(context, item)
-                    else:
-                        yield item
-            finally:
-                upstream.cancel()
-                for task in (pump, relay):
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+        out: asyncio.Queue[bytes | TritonRpcError | None] = asyncio.Queue(STREAM_WINDOW)
+        held = _Held(STREAM_WINDOW)
+        pump = asyncio.create_task(self._pump(requests, upstream, context, held, out))
+        relay = asyncio.create_task(self._relay(upstream, held, out))
+        try:
+            while (item := await out.get()) is not None:
+                if isinstance(item, TritonRpcError):
+                    await self._abort(context, item)
+                else:
+                    yield item
+        finally:
+            upstream.cancel()
+            for task in (pump, relay):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await held.release_all()
 
     async def _pump(self, requests: AsyncIterator[bytes], upstream: Any, context: grpc.aio.ServicerContext,
-                    held: contextlib.AsyncExitStack, names: dict[str, str],
-                    out: asyncio.Queue[bytes | TritonRpcError | None]) -> None:
-        """Client -> Triton: scan and check each request as the unary call does, lease each model on first use
-        in the stream (held until it closes), rename."""
-        leased: dict[str, ModelRecord] = {}
+                    held: _Held, out: asyncio.Queue[bytes | TritonRpcError | None]) -> None:
+        """Client -> Triton: scan and check each request as the unary call does, take a slot and a lease for it
+        (released when its answer comes back), rename."""
         async for raw in requests:
             key, request_id = "", ""
             try:
                 request = scan_grpc_request(raw)
                 key, request_id = request.model_name, request.id
                 check_grpc_request(request, self.dp.max_request_bytes)
-                rec = leased.get(key)
-                if rec is None:
-                    rec = leased[key] = await held.enter_async_context(self.dp.holding(key, self._wait_s(context)))
-                    names[rec.name] = key
+                rec = await held.take(self.dp.holding(key, self._wait_s(context)))
                 forward = renamed(raw, request, rec.name)
             except (GatewayError, TritonRpcError) as exc:
                 self._count(exc.status if isinstance(exc, GatewayError) else http_status(exc.code))
@@ -345,7 +347,7 @@ class GrpcEdge:
                 refused = pb.ModelStreamInferResponse(error_message=public(message))
                 refused.infer_response.model_name = key
                 refused.infer_response.id = request_id
-                out.put_nowait(refused.SerializeToString())
+                await out.put(refused.SerializeToString())
                 continue
             try:
                 await upstream.write(forward)
@@ -355,21 +357,102 @@ class GrpcEdge:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             await upstream.done_writing()
 
-    async def _relay(self, upstream: Any, names: dict[str, str],
-                     out: asyncio.Queue[bytes | TritonRpcError | None]) -> None:
+    async def _relay(self, upstream: Any, held: _Held, out: asyncio.Queue[bytes | TritonRpcError | None]) -> None:
         """Triton -> client: rename each answer in its bytes (its error message, when it has one, renamed and
-        made public too); the end of the upstream stream ends the client's."""
+        made public too) and release what its request held; the end of the upstream stream ends the client's.
+        Waits for room in `out`, so a client that stops reading stops the relay, and Triton's stream with it."""
         def error(message: str) -> str:
-            return public(rename_text(message, names))
+            return public(rename_text(message, held.names))
+
+        async def put(item: bytes | TritonRpcError | None) -> None:
+            if not out.full():
+                out.put_nowait(item)
+                return
+            try:
+                await asyncio.wait_for(out.put(item), _SLOW_READER_S)
+            except asyncio.TimeoutError:  # the client stopped reading: end the stream, free what it held
+                upstream.cancel()
+                await held.close()
+                while not out.empty():
+                    out.get_nowait()
+                out.put_nowait(TritonRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                    f"the client read no answer for {_SLOW_READER_S:.0f}s while {STREAM_WINDOW} waited; the "
+                    "stream was ended")))
+                raise
 
         try:
             async for raw in upstream:
-                out.put_nowait(rename_stream_response(raw, names, error))
+                await held.answered(stream_response_model(raw))
+                await put(rename_stream_response(raw, held.names, error))
+        except asyncio.TimeoutError:
+            return
         except grpc.aio.AioRpcError as exc:
             if exc.code() is not grpc.StatusCode.CANCELLED:
-                out.put_nowait(TritonRpcError(exc.code(), error(exc.details() or exc.code().name)))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await put(TritonRpcError(exc.code(), error(exc.details() or exc.code().name)))
         except WireError as exc:  # not Triton as we know it: end the stream rather than pass on what we cannot read
             log.warning("grpc.malformed_stream_answer", extra={"error": str(exc)})
-            out.put_nowait(TritonRpcError(grpc.StatusCode.INTERNAL, "the gateway could not read an answer from "
-                                          f"Triton (malformed ModelStreamInferResponse: {exc})"))
-        out.put_nowait(None)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await put(TritonRpcError(grpc.StatusCode.INTERNAL, "the gateway could not read an answer from "
+                                         f"Triton (malformed ModelStreamInferResponse: {exc})"))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await put(None)
+
+
+class _Held:
+    """What one ModelStreamInfer stream holds for its requests in flight: each request's concurrency slot and
+    lease (`DataPlane.holding`), taken when it is sent and released when an answer for its model comes back,
+    so an idle stream holds nothing (it held a slot and a lease per model for up to an hour before).
+
+    Answers are matched to requests by model, oldest first; an answer naming no model releases the oldest
+    request. A decoupled model that answers a request more than once releases other requests early, and one
+    that never answers keeps its hold until the stream closes: both bounded by the window of requests in
+    flight."""
+
+    def __init__(self, window: int) -> None:
+        self._closed = False
+        self._window = asyncio.Semaphore(window)
+        self._inflight: collections.deque[tuple[str, AbstractAsyncContextManager[ModelRecord]]] = collections.deque()
+        self.names: dict[str, str] = {}  # Triton name -> TargetModel, to rename the answers
+
+    async def take(self, holding: AbstractAsyncContextManager[ModelRecord]) -> ModelRecord:
+        await self._window.acquire()
+        try:
+            if self._closed:
+                raise Throttled("the stream is ending; open a new one")
+            rec = await holding.__aenter__()
+        except BaseException:
+            self._window.release()
+            raise
+        if self._closed:  # ended while this request waited for its model
+            await self._release(holding)
+            raise Throttled("the stream is ending; open a new one")
+        self.names[rec.name] = rec.model.key
+        self._inflight.append((rec.name, holding))
+        return rec
+
+    async def answered(self, triton_name: str) -> None:
+        if not self._inflight:
+            return
+        for entry in self._inflight:
+            if entry[0] == triton_name:
+                self._inflight.remove(entry)
+                break
+        else:
+            entry = self._inflight.popleft()
+        await self._release(entry[1])
+
+    async def close(self) -> None:
+        """Release everything now and take nothing more (the stream is ending)."""
+        self._closed = True
+        await self.release_all()
+
+    async def release_all(self) -> None:
+        while self._inflight:
+            await self._release(self._inflight.popleft()[1])
+
+    async def _release(self, holding: AbstractAsyncContextManager[ModelRecord]) -> None:
+        try:
+            await holding.__aexit__(None, None, None)
+        finally:
+            self._window.release()
