@@ -17,6 +17,7 @@ from gateway.budget import BudgetConfig
 from gateway.footprint import TritonMeter
 from gateway.instance_kind import resolve_instance_kinds
 from gateway.ledger import FootprintLedger
+from gateway.loop_lag import watch_lag
 from gateway.memory import detect_probe
 from gateway.metrics import Metrics
 from gateway.policy import make_policy
@@ -112,6 +113,7 @@ class Gateway:
                           grpc_url: "<triton>"}, self.dataplane.names)
         self._watcher: asyncio.Task[None] | None = None
         self._memory_watch: asyncio.Task[None] | None = None
+        self._lag_watch: asyncio.Task[None] | None = None
         self.started = False
 
     def _triton_pid(self) -> int | None:
@@ -130,6 +132,7 @@ class Gateway:
             self._watcher = asyncio.create_task(self._watch_triton(), name="triton-watch")
         if self.settings.remeasure_interval_s > 0:
             self._memory_watch = asyncio.create_task(self.manager.budget.watch(), name="memory-watch")
+        self._lag_watch = asyncio.create_task(watch_lag(self.metrics.loop_lag), name="loop-lag")
         self.started = True
         log.info("gateway.started", extra={"store": self.store.url, "cache_dir": str(self.settings.cache_dir)})
 
@@ -171,7 +174,7 @@ class Gateway:
 
     async def stop(self) -> None:
         self.started = False
-        for task in (self._watcher, self._memory_watch):
+        for task in (self._watcher, self._memory_watch, self._lag_watch):
             if task:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

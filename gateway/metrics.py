@@ -10,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class Metrics:
@@ -78,6 +79,11 @@ class Metrics:
             "mme_requests", "inference requests by protocol and status code", ["protocol", "status"], registry=r
         )
         self.triton_restarts = Counter("mme_triton_restarts", "times the embedded Triton was restarted", registry=r)
+        self.loop_lag = Histogram(
+            "mme_event_loop_lag_seconds", "how late a timer on the gateway's event loop fired (sampled every "
+            "20 ms): anything that holds the loop shows here, and every request waits that long",
+            buckets=_LAG_BUCKETS, registry=r,
+        )
 
         self._request_children: dict[tuple[str, int], Counter] = {}
 
