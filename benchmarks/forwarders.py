@@ -7,7 +7,9 @@
 - nginx (`nginx_config`): the native floor, a reverse proxy with keep-alive upstreams (`proxy_pass` for
   HTTP, `grpc_pass` for gRPC), one worker.
 
-    python benchmarks/forwarders.py http|grpc PORT UPSTREAM_HOST:PORT
+    python benchmarks/forwarders.py http|grpc PORT UPSTREAM_HOST:PORT TRITON_KEY_FILE
+
+Each sends Triton's restricted-API secret (from TRITON_KEY_FILE), as the gateway does.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gateway.triton import auth  # noqa: E402
+
 _UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
-def nginx_config(work: Path, http_port: int, grpc_port: int, triton_http: str, triton_grpc: str) -> str:
-    """One nginx worker proxying `http_port` to Triton's HTTP and `grpc_port` to its gRPC, both kept alive."""
+def nginx_config(work: Path, http_port: int, grpc_port: int, triton_http: str, triton_grpc: str, key: str) -> str:
+    """One nginx worker proxying `http_port` to Triton's HTTP and `grpc_port` to its gRPC, both kept alive and
+    carrying Triton's restricted-API secret `key`."""
     return f"""daemon off;
 worker_processes 1;
 pid {work}/nginx.pid;
@@ -43,22 +48,23 @@ http {{
     upstream triton_grpc {{ server {triton_grpc}; keepalive 64; keepalive_requests 100000000; }}
     server {{
         listen 127.0.0.1:{http_port};
-        location / {{ proxy_pass http://triton_http; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+        location / {{ proxy_pass http://triton_http; proxy_http_version 1.1; proxy_set_header Connection "";
+                    proxy_set_header {auth.HEADER} {key}; }}
     }}
     server {{
         listen 127.0.0.1:{grpc_port} http2;
-        location / {{ grpc_pass grpc://triton_grpc; }}
+        location / {{ grpc_pass grpc://triton_grpc; grpc_set_header {auth.GRPC_METADATA} {key}; }}
     }}
 }}
 """
 
 
-def serve_http(port: int, upstream: str) -> None:
+def serve_http(port: int, upstream: str, key: str) -> None:
     import uvicorn
 
     from gateway.triton.http import TritonHttp
 
-    client = TritonHttp(upstream)
+    client = TritonHttp(upstream, api_key=key)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -87,10 +93,12 @@ def serve_http(port: int, upstream: str) -> None:
                 access_log=False, lifespan="on")
 
 
-def serve_grpc(port: int, upstream: str) -> None:
+def serve_grpc(port: int, upstream: str, key: str) -> None:
     import grpc
     import grpc.aio
     import uvloop
+
+    metadata = auth.metadata(key)
 
     class Forward(grpc.GenericRpcHandler):
         def __init__(self, channel: grpc.aio.Channel) -> None:
@@ -103,7 +111,7 @@ def serve_grpc(port: int, upstream: str) -> None:
                 call = self.calls[details.method] = self.channel.unary_unary(details.method)
 
             async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-                return await call(request, timeout=60)
+                return await call(request, timeout=60, metadata=metadata)
             return grpc.unary_unary_rpc_method_handler(forward)
 
     async def main() -> None:
@@ -119,5 +127,5 @@ def serve_grpc(port: int, upstream: str) -> None:
 
 
 if __name__ == "__main__":
-    kind, port_text, upstream_address = sys.argv[1:4]
-    (serve_http if kind == "http" else serve_grpc)(int(port_text), upstream_address)
+    kind, port_text, upstream_address, key_file = sys.argv[1:5]
+    (serve_http if kind == "http" else serve_grpc)(int(port_text), upstream_address, Path(key_file).read_text())

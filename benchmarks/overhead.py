@@ -44,6 +44,7 @@ from benchmarks.forwarders import nginx_config  # noqa: E402
 from gateway.demo import write_artifact  # noqa: E402
 from gateway.naming import model_key  # noqa: E402
 from gateway.store import open_store  # noqa: E402
+from gateway.triton import auth  # noqa: E402
 from gateway.triton.process import free_port  # noqa: E402
 from mme_bench.config import PerfAnalyzerConfig  # noqa: E402
 from mme_bench.launcher import log_tail, spawn_gateway, wait_ready  # noqa: E402
@@ -86,10 +87,10 @@ def large_artifact(dest: Path) -> None:
 
 
 def perf(binary: str, model: str, shape: str, protocol: str, address: str, concurrency: int, window_ms: int,
-         out: Path) -> dict[str, float]:
+         out: Path, extra_args: tuple[str, ...] = ()) -> dict[str, float]:
     """One perf_analyzer pass: throughput, p50 and p99 (ms)."""
     cfg = PerfAnalyzerConfig(shape=shape, measurement_interval_ms=window_ms, stability_percentage=100, max_trials=10,
-                             concurrency_range=f"{concurrency}:{concurrency}", timeout_s=600)
+                             concurrency_range=f"{concurrency}:{concurrency}", timeout_s=600, extra_args=extra_args)
     proc = subprocess.run(perf_command(binary, cfg, model, address, out, protocol), capture_output=True, text=True,
                           timeout=cfg.timeout_s)
     if proc.returncode != 0 or not out.exists():
@@ -110,6 +111,7 @@ class Bench:
         self.ports = {name: free_port() for name in ("http", "grpc", "t_http", "t_grpc", "t_metrics", "nginx_http",
                                                      "nginx_grpc", "floor_http", "floor_grpc")}
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.triton_key = auth.new_key()  # Triton's restricted APIs: the gateway, the forwarders and direct calls send it
         self.gateway: Any = None
         self.nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
 
@@ -121,7 +123,8 @@ class Bench:
         cmd = [sys.executable, "-m", "gateway", "serve", "--store", str(store), "--cache-dir", str(work / "cache"),
                "--port", str(p["http"]), "--grpc-port", str(p["grpc"]), "--triton-http-port", str(p["t_http"]),
                "--triton-grpc-port", str(p["t_grpc"]), "--triton-metrics-port", str(p["t_metrics"]),
-               "--log-level", "warning"]
+               "--log-level", "warning", "--triton-api-key-file", str(work / "triton-key")]
+        (work / "triton-key").write_text(self.triton_key)
         url = f"http://127.0.0.1:{p['http']}"
         self.gateway = spawn_gateway(cmd, url, work / "gateway.log", cwd=ROOT)
         outcome = wait_ready(self.gateway, 120.0, bound=None)  # --log-level warning: uvicorn's line is not logged
@@ -135,15 +138,15 @@ class Bench:
             urllib.request.urlopen(request, timeout=120).read()  # loaded now: every target finds it warm
         forwarders = ROOT / "benchmarks" / "forwarders.py"
         self.procs.append(subprocess.Popen([sys.executable, str(forwarders), "http", str(p["floor_http"]),
-                                            f"127.0.0.1:{p['t_http']}"]))
+                                            f"127.0.0.1:{p['t_http']}", str(work / "triton-key")]))
         self.procs.append(subprocess.Popen([sys.executable, str(forwarders), "grpc", str(p["floor_grpc"]),
-                                            f"127.0.0.1:{p['t_grpc']}"]))
+                                            f"127.0.0.1:{p['t_grpc']}", str(work / "triton-key")]))
         if self.nginx:
             for temp in ("nginx-body", "nginx-proxy"):
                 (work / temp).mkdir(exist_ok=True)
             conf = work / "nginx.conf"
             conf.write_text(nginx_config(work, p["nginx_http"], p["nginx_grpc"], f"127.0.0.1:{p['t_http']}",
-                                         f"127.0.0.1:{p['t_grpc']}"))
+                                         f"127.0.0.1:{p['t_grpc']}", self.triton_key))
             self.procs.append(subprocess.Popen([self.nginx, "-c", str(conf), "-p", str(work), "-e",
                                                 str(work / "nginx-error.log")]))
         time.sleep(2.0)
@@ -160,6 +163,12 @@ class Bench:
         port = {"direct": "t_", "nginx": "nginx_", "floor": "floor_", "gateway": ""}[target] + protocol
         name = key if target == "gateway" else model_key(key, open_store(str(self.work / "store")).url).triton_name
         return name, f"127.0.0.1:{self.ports[port]}"
+
+    def secret_args(self, target: str, protocol: str) -> tuple[str, ...]:
+        """perf_analyzer's header carrying Triton's secret, for the target that calls Triton itself."""
+        if target != "direct":
+            return ()
+        return ("-H", f"{auth.HEADER if protocol == 'http' else auth.GRPC_METADATA}:{self.triton_key}")
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -207,7 +216,8 @@ def main() -> int:
                         for target in order:
                             model, address = bench.address(target, protocol, case.model)
                             r = perf(binary, model, case.shape, protocol, address, case.concurrency, args.window_ms,
-                                     Path(tmp) / f"{protocol}-{case.name}-{case.concurrency}-{target}-{n}.csv")
+                                     Path(tmp) / f"{protocol}-{case.name}-{case.concurrency}-{target}-{n}.csv",
+                                     bench.secret_args(target, protocol))
                             runs.setdefault((protocol, case.name, case.concurrency, target), []).append(r)
                             print(f"  {protocol:4} {case.name:5} c={case.concurrency:<2} pass {n + 1} {target:8}: "
                                   f"{r['tps']:8.1f} infer/s  p50 {r['p50_ms']:6.3f} ms  p99 {r['p99_ms']:6.3f} ms",
