@@ -71,6 +71,10 @@ class _Folder:
 _FILE, _SYMLINK, _HARDLINK = "regular file", "symlink", "hard link"
 
 
+class _ThroughLink(Exception):
+    """A looked-up name passes through a link; the argument is the link's name."""
+
+
 def _shown(name: str) -> str:
     """A member name for an error message: quoted, and cut short (a name can be kilobytes long)."""
     return repr(name if len(name) <= _SHOWN_CHARS else name[:_SHOWN_CHARS] + "...")
@@ -168,7 +172,7 @@ class MemberCheck:
         for depth, step in enumerate(steps):
             if not isinstance(node, _Folder):
                 if node in (_SYMLINK, _HARDLINK):
-                    raise ValueError("/".join(steps[:depth]))
+                    raise _ThroughLink("/".join(steps[:depth]))
                 return None  # under a regular file: nothing can be there
             node = node.entries.get(step)
             if node is None:
@@ -221,7 +225,7 @@ class MemberCheck:
             raise self._refuse(f"link {_shown(name)} -> {_shown(target)} points outside the model directory")
         try:
             end = self._lookup(_steps(target)) if ".." not in target.split("/") else None
-        except ValueError:
+        except _ThroughLink:
             end = None
         if end != _FILE:
             raise self._refuse(f"hard link {_shown(name)} -> {_shown(target)} does not name a regular file "
@@ -242,7 +246,7 @@ class MemberCheck:
         link = f"link {_shown(name)} -> {_shown(target)}"
         try:
             end = self._lookup(resolved)
-        except ValueError as through:
+        except _ThroughLink as through:
             raise self._refuse(f"{link} leads through a link ({_shown(str(through))})") from None
         if isinstance(end, _Folder):
             raise self._refuse(f"{link} points to a directory; links may only name a regular file of the archive")
