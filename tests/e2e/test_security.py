@@ -1,5 +1,6 @@
 """Who may call what: API keys with scopes on every HTTP route and gRPC call, SigV4 for boto3, key rotation,
-read timeouts, and a gateway that will not listen beyond loopback with nobody checked.
+headers and credentials checked before any body is read, read timeouts, and a gateway that will not listen
+beyond loopback with nobody checked.
 
 One gateway with keys (an `invoke` key, a `manage` key, a key file it re-reads) and SigV4 credentials, on a
 local store of demo models and a container-API root; every call is a real client's.
@@ -7,13 +8,17 @@ local store of demo models and a container-API root; every call is a real client
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPResponse
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import boto3
 import botocore.exceptions
@@ -21,6 +26,9 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -332,3 +340,206 @@ def test_the_container_api_is_off_unless_asked_for(tmp_path: Path) -> None:
         assert not gateway.events("sagemaker.model_registered")
     finally:
         gateway.stop()
+
+
+# -- headers and credentials before any body (issue 19, items 4 and 11) ------------------------------------
+
+BIG = 32 << 20  # a body this size is announced (or pushed) by the attacks below; the gateway must not read it
+
+
+def _send_head(gw: GatewayProcess, method: str, path: str, headers: list[tuple[str, str]]) -> socket.socket:
+    """A connection with the request line and `headers` (repeats kept, in order) sent, and nothing after them;
+    every read on it waits at most 5 s, so an answer that needs the body shows up as a timeout."""
+    conn = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{name}: {value}\r\n" for name, value in headers) + "\r\n"
+    conn.sendall(head.encode("latin-1"))
+    return conn
+
+
+def _response(conn: socket.socket, method: str = "POST") -> tuple[int, dict[str, str], bytes]:
+    """The answer on `conn`: status, headers (names lower-cased) and body."""
+    answer = HTTPResponse(conn, method=method)
+    answer.begin()
+    return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
+
+
+def _closed(conn: socket.socket) -> bool:
+    """The gateway has closed the connection (it reads no more of what the client would send)."""
+    try:
+        return conn.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _pushed_whole(gw: GatewayProcess, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
+                  chunked: bool) -> bool:
+    """Send the head, then push all of `body` (chunked when asked): True if the gateway took every byte,
+    False if it closed the connection first."""
+    with _send_head(gw, method, path, headers) as conn:
+        conn.settimeout(20)
+        piece = 1 << 20
+        try:
+            for start in range(0, len(body), piece):
+                part = body[start:start + piece]
+                conn.sendall(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
+            if chunked:
+                conn.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        return True
+
+
+def _peak_growth(pid: int, attack: Callable[[], None]) -> int:
+    """How far the gateway's resident memory peaked above where it stood, while `attack` ran."""
+    def field(name: str) -> int:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(f"no {name}")
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM restarts from the current RSS
+    before = field("VmRSS")
+    attack()
+    return field("VmHWM") - before
+
+
+def _at_once(count: int, one: Callable[[], bool]) -> list[bool]:
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda _: one(), range(count)))
+
+
+def _stamp(at: datetime.datetime | None = None) -> str:
+    return (at or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _signed(gw: GatewayProcess, path: str, body: bytes, headers: dict[str, str], secret: str = SECRET,
+            service: str = "sagemaker") -> list[tuple[str, str]]:
+    """`headers` plus Host, X-Amz-Date and Authorization, signed by botocore's own SigV4 signer over `body`
+    (or over the X-Amz-Content-SHA256 in `headers`, when there is one: botocore signs that value instead)."""
+    request = AWSRequest(method="POST", url=gw.url + path, data=body, headers=headers)
+    SigV4Auth(Credentials(ACCESS_KEY, secret), service, "us-east-1").add_auth(request)
+    return [("Host", f"127.0.0.1:{gw.port}"), *request.headers.items()]
+
+
+def _forged(key_id: str = "AKIDFORGED", stamp: str | None = None) -> list[tuple[str, str]]:
+    stamp = stamp or _stamp()
+    return [("Host", "x"), ("X-Amz-Date", stamp), ("Authorization", (
+        f"AWS4-HMAC-SHA256 Credential={key_id}/{stamp[:8]}/us-east-1/sagemaker/aws4_request, "
+        f"SignedHeaders=host;x-amz-date, Signature={'0' * 64}"))]
+
+
+def _runtime_head(extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [("Content-Type", "application/json"), ("X-Amzn-SageMaker-Target-Model", MODEL), *extra]
+
+
+def test_a_forged_sigv4_post_is_refused_from_its_headers_without_reading_the_body(gw: GatewayProcess) -> None:
+    body = v2_request([HOUSE])
+    sha_of_other = hashlib.sha256(b"another body").hexdigest()
+    old = _stamp(datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=20))
+    refusals = [  # (headers, the code botocore would raise): each is decidable before a byte of body
+        (_runtime_head(_forged()), "UnrecognizedClientException"),  # an access key id nobody issued
+        (_runtime_head(_forged(ACCESS_KEY, old)), "InvalidSignatureException"),  # outside the 15 minutes
+        (_signed(gw, "/invocations", body, {"Content-Type": "application/json", "X-Amzn-SageMaker-Target-Model": MODEL,
+                                            "X-Amz-Content-SHA256": sha_of_other}, secret="wrong-secret"),
+         "InvalidSignatureException"),  # a signed body hash: the whole signature is checked from the headers
+        (_signed(gw, "/invocations", body, {"Content-Type": "application/json", "X-Amzn-SageMaker-Target-Model": MODEL},
+                 service="s3"), "InvalidSignatureException"),  # scoped to another service
+    ]
+    for headers, code in refusals:
+        with _send_head(gw, "POST", "/invocations", [*headers, ("Content-Length", str(BIG))]) as conn:
+            status, got, answer = _response(conn)  # within the socket's 5 s, with no body sent
+            assert status == 403 and got["x-amzn-errortype"] == code, (headers, status, answer)
+            assert json.loads(answer)["__type"] == code
+            assert _closed(conn)  # nothing more is read from a refused request
+    # eight connections pushing their 32 MiB at once: each is cut off, and none of it sits in the gateway
+    pushes: list[bool] = []
+    grown = _peak_growth(gw.proc.pid, lambda: pushes.extend(_at_once(8, lambda: _pushed_whole(
+        gw, "POST", "/invocations", _runtime_head([*_forged(), ("Content-Length", str(BIG))]), bytes(BIG), False))))
+    assert not any(pushes), "the gateway read a forged request's whole body"
+    assert grown < 8 << 20, f"the gateway grew {grown / 2**20:.0f} MiB"
+
+
+def test_get_head_and_delete_bodies_are_refused_before_they_are_read(gw: GatewayProcess) -> None:
+    routes = [("GET", "/invocations", _forged()),
+              ("GET", f"/v2/models/{MODEL}", [("Host", "x"), *bearer(INVOKE_KEY).items()]),
+              ("DELETE", f"/models/{MODEL}", [("Host", "x"), *bearer(MANAGE_KEY).items()]),
+              ("HEAD", "/v2/health/live", [("Host", "x")]), ("GET", "/nowhere", [("Host", "x")])]
+    for method, path, headers in routes:
+        for framing in (("Transfer-Encoding", "chunked"), ("Content-Length", str(BIG))):
+            with _send_head(gw, method, path, [*headers, framing]) as conn:
+                if framing[0] == "Transfer-Encoding":
+                    conn.sendall(b"10000\r\n" + bytes(1 << 16) + b"\r\n")  # one chunk, and never the last
+                status, _, answer = _response(conn, method)
+                assert status == 400, (method, path, framing, status, answer)
+                if method != "HEAD":
+                    assert method in json.loads(answer)["error"]
+                assert _closed(conn)
+    # chunked GETs pushing 32 MiB each, SigV4-looking and not: cut off, none of it held
+    pushes: list[bool] = []
+    grown = _peak_growth(gw.proc.pid, lambda: pushes.extend(_at_once(8, lambda: _pushed_whole(
+        gw, "GET", "/invocations", [*_forged(), ("Transfer-Encoding", "chunked")], bytes(BIG), True))))
+    assert not any(pushes), "the gateway read a GET's whole body"
+    assert grown < 8 << 20, f"the gateway grew {grown / 2**20:.0f} MiB"
+    assert http("GET", f"{gw.url}/v2/models/{MODEL}", None, bearer(INVOKE_KEY))[0] == 200  # no body: served
+
+
+def test_repeated_routing_and_signing_headers_are_refused_naming_the_header(gw: GatewayProcess) -> None:
+    body = v2_request([HOUSE])
+    # signed for Boston (the last Target-Model header) while a first one names Houston: the two readers disagree
+    signed = _signed(gw, "/invocations", body, {"Content-Type": "application/json",
+                                                 "X-Amzn-SageMaker-Target-Model": "Boston_MA.tar.gz"})
+    attacks = [("/invocations", [("X-Amzn-SageMaker-Target-Model", MODEL), *signed], "x-amzn-sagemaker-target-model")]
+    singles = [("Host", "x"), ("Content-Type", "application/json"), ("X-Amzn-SageMaker-Target-Model", MODEL),
+               ("Authorization", f"Bearer {INVOKE_KEY}"), ("X-Amz-Date", _stamp()),
+               ("X-Amz-Content-SHA256", hashlib.sha256(body).hexdigest())]
+    for name, value in singles:
+        for path in ("/invocations", f"/v2/models/{MODEL}/infer"):
+            headers = [*singles, (name, "Bearer mme_not-a-key" if name == "Authorization" else value)]
+            attacks.append((path, headers, name.lower()))
+    for path, headers, name in attacks:
+        with _send_head(gw, "POST", path, [*headers, ("Content-Length", str(len(body)))]) as conn:
+            conn.sendall(body)
+            status, got, answer = _response(conn)
+        assert status == 400, (path, name, status, answer)
+        if path.endswith("invocations"):  # botocore's shape on the runtime routes, KServe's elsewhere
+            assert got["x-amzn-errortype"] == "ValidationError" and name in json.loads(answer)["Message"].lower()
+        else:
+            assert name in json.loads(answer)["error"].lower()
+
+
+def test_a_present_target_model_header_must_be_signed(gw: GatewayProcess) -> None:
+    body = v2_request([HOUSE])
+    signed = _signed(gw, "/invocations", body, {"Content-Type": "application/json"})  # no TargetModel signed
+    with _send_head(gw, "POST", "/invocations", [*signed, ("X-Amzn-SageMaker-Target-Model", MODEL),
+                                                 ("Content-Length", str(len(body)))]) as conn:
+        conn.sendall(body)
+        status, got, answer = _response(conn)
+    assert status == 403 and got["x-amzn-errortype"] == "IncompleteSignatureException", answer
+    assert "x-amzn-sagemaker-target-model" in json.loads(answer)["Message"].lower()
+
+
+def test_signed_requests_of_a_mebibyte_pass_and_a_body_that_is_not_the_signed_hash_is_refused(
+        gw: GatewayProcess) -> None:
+    from botocore.config import Config
+
+    client = boto3.client("sagemaker-runtime", endpoint_url=gw.url, region_name="us-east-1",
+                          aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET,
+                          config=Config(retries={"max_attempts": 1}))
+    body = v2_request([HOUSE]) + b" " * (1 << 20)  # JSON with a mebibyte of trailing blanks
+    expected = predict("Houston_TX", np.array([HOUSE])).ravel()
+    answer = client.invoke_endpoint(EndpointName="demo", TargetModel=MODEL, ContentType="application/json",
+                                    Body=body)
+    np.testing.assert_allclose(json.loads(answer["Body"].read())["outputs"][0]["data"], expected, rtol=1e-4)
+    other = v2_request([[1.0] * 6]) + b" " * (1 << 20)
+    for sent, status_wanted in ((body, 200), (other, 403)):  # signed over the hash of `body`; `other` is not it
+        headers = _signed(gw, "/invocations", body, {
+            "Content-Type": "application/json", "X-Amzn-SageMaker-Target-Model": MODEL,
+            "X-Amz-Content-SHA256": hashlib.sha256(body).hexdigest()})
+        with _send_head(gw, "POST", "/invocations", [*headers, ("Content-Length", str(len(sent)))]) as conn:
+            conn.sendall(sent)
+            status, got, answer = _response(conn)
+        assert status == status_wanted, answer
+        if status == 200:
+            np.testing.assert_allclose(json.loads(answer)["outputs"][0]["data"], expected, rtol=1e-4)
+        else:
+            assert got["x-amzn-errortype"] == "InvalidSignatureException"
+            assert "x-amz-content-sha256" in json.loads(answer)["Message"].lower()
