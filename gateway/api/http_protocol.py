@@ -95,10 +95,10 @@ class StreamedBody:
     uvicorn's, with the same answers: body chunks, then `http.disconnect` once the client has gone or the
     response is complete)."""
 
-    __slots__ = ("cycle", "flow", "parts", "buffered", "ended")
+    __slots__ = ("cycle", "flow", "parts", "buffered", "ended", "high_water")
 
-    def __init__(self, cycle: Any, flow: Any) -> None:
-        self.cycle, self.flow = cycle, flow
+    def __init__(self, cycle: Any, flow: Any, high_water: int = _HIGH_WATER) -> None:
+        self.cycle, self.flow, self.high_water = cycle, flow, high_water
         self.parts: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.ended = False  # the app has been given the body's last chunk
@@ -106,7 +106,7 @@ class StreamedBody:
     def add(self, chunk: bytes) -> None:
         self.parts.append(chunk)
         self.buffered += len(chunk)
-        if self.buffered > _HIGH_WATER:
+        if self.buffered > self.high_water:
             self.flow.pause_reading()
         self.cycle.message_event.set()
 
@@ -120,7 +120,7 @@ class StreamedBody:
             if parts:
                 chunk = parts.popleft()
                 self.buffered -= len(chunk)
-                if self.buffered <= _HIGH_WATER:
+                if self.buffered <= self.high_water:
                     self.flow.resume_reading()
                 more = bool(parts) or cycle.more_body
                 self.ended = not more
@@ -134,9 +134,10 @@ class StreamedBody:
         return {"type": "http.disconnect"}
 
 
-def http_protocol(header_timeout_s: float, body_timeout_s: float) -> type[HttpToolsProtocol]:
+def http_protocol(header_timeout_s: float, body_timeout_s: float,
+                  read_ahead_bytes: int = _HIGH_WATER) -> type[HttpToolsProtocol]:
     """A protocol class for `uvicorn.Config(http=...)`: both read bounds, one write per response, bodies as
-    they arrived."""
+    they arrived, reading paused past `read_ahead_bytes` of body the app has not taken."""
 
     class GatewayHttpProtocol(HttpToolsProtocol):
         _read_timer: asyncio.TimerHandle | None = None
@@ -213,7 +214,7 @@ def http_protocol(header_timeout_s: float, body_timeout_s: float) -> type[HttpTo
             cycle = self.cycle
             if cycle is not None and not isinstance(cycle.transport, OneWrite):  # the request's new cycle
                 OneWrite.install(cycle)
-                cycle.streamed = StreamedBody(cycle, self.flow)
+                cycle.streamed = StreamedBody(cycle, self.flow, read_ahead_bytes)
                 cycle.receive = cycle.streamed.receive  # run_asgi passes self.receive: it starts after this
             if cycle is not None and cycle.more_body and not self.parser.should_upgrade():
                 self._waiting, self._body_seen = "body", self.loop.time()
