@@ -31,7 +31,8 @@ class RouterMetrics:
                                      ["gateway"], registry=r)
         self.errors = Counter(
             "mme_router_errors", "requests the router could not complete, by kind: connect (refused, retried "
-            "once elsewhere), upstream (connection lost after the request was sent), timeout, no_instance",
+            "once elsewhere), upstream (connection lost after the request was sent), timeout, no_instance, client_gone "
+            "(the client left, or stalled past --body-timeout, while its body was going upstream)",
             ["kind"], registry=r)
         self.requests = Counter("mme_router_requests", "requests by protocol and status", ["protocol", "status"],
                                 registry=r)

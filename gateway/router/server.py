@@ -1,7 +1,11 @@
 """Serving the router: discovery, health checks, HTTP (uvicorn) and gRPC side by side, stopped in order.
 
 uvicorn's lifespan starts the fleet's discovery and probes and the gRPC side before the HTTP port takes
-requests; on SIGTERM HTTP drains first, then gRPC gets its grace, then the probes and the pool close.
+requests; on SIGTERM HTTP drains first, then gRPC gets its grace, then the probes and the pools close.
+HTTP is served through the gateway's own protocol (`gateway.api.http_protocol`), so the router's edge has
+the same read timeouts as a gateway's. Health checks and listings have a connection pool of their own:
+forwarded requests (streamed uploads hold a connection until their body ends) never make a probe wait for
+a connection, time out, and take a healthy instance out.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Any
 import aiohttp
 import uvicorn
 
+from gateway.api.http_protocol import http_protocol
 from gateway.router.discovery import DnsDiscovery, parse_static
 from gateway.router.fleet import Fleet
 from gateway.router.grpc import GrpcForwarder
@@ -24,6 +29,10 @@ from gateway.router.table import RoutingTable
 log = logging.getLogger(__name__)
 
 _GRPC_GRACE_S = 10.0
+# Body bytes read ahead of the instance on one connection before reading pauses. The gateway reads 4 MiB
+# ahead (its app takes a body whole); the router only passes chunks on, so a little more than one socket
+# read (256 KiB) keeps uploads moving while 8 stalled ones hold about 8 MiB, not 32.
+_READ_AHEAD_BYTES = 1 << 19
 
 
 class Router:
@@ -40,6 +49,7 @@ class Router:
         self._prober: Prober | None = None
         self._dns: DnsDiscovery | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._probe_session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -47,7 +57,9 @@ class Router:
                                          enable_cleanup_closed=True)
         # auto_decompress off: answers go back to the client byte for byte.
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
-        self._prober = Prober(self.fleet, self.metrics, self._session, health_interval_s=s.health_interval_s,
+        self._probe_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                                    cookie_jar=aiohttp.DummyCookieJar())
+        self._prober = Prober(self.fleet, self.metrics, self._probe_session, health_interval_s=s.health_interval_s,
                               listing_interval_s=s.listing_interval_s, timeout_s=s.probe_timeout_s,
                               unhealthy_after=s.unhealthy_after, api_key=s.upstream_api_key)
         self._http = HttpForwarder(self.table, self.fleet, self.metrics, self._session, s.upstream_timeout_s,
@@ -79,8 +91,9 @@ class Router:
             await self._grpc.stop(_GRPC_GRACE_S)
         if self._prober is not None:
             await self._prober.stop()
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._probe_session):
+            if session is not None:
+                await session.close()
         log.info("router.stopped")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -109,8 +122,8 @@ class Router:
 def run(settings: RouterSettings) -> int:
     """Serve until SIGTERM or SIGINT; 1 when the router could not start."""
     config = uvicorn.Config(Router(settings), host=settings.host, port=settings.port, loop="uvloop",
-                            http="httptools", log_config=None, lifespan="on", access_log=False,
-                            timeout_graceful_shutdown=30)
+                            http=http_protocol(settings.header_timeout_s, settings.body_timeout_s, _READ_AHEAD_BYTES),
+                            log_config=None, lifespan="on", access_log=False, timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)
     log.info("router.listening", extra={"host": settings.host, "port": settings.port})
     server.run()

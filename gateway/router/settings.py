@@ -57,6 +57,8 @@ class RouterSettings:
     max_request_bytes: int = setting(
         64 << 20, "cap on one request's body (HTTP: 413 beyond; gRPC: RESOURCE_EXHAUSTED), as the gateways' default")
     max_connections: int = setting(256, "HTTP connections kept to each instance")
+    header_timeout_s: float = setting(10.0, "seconds a client may take to send a request's headers (408 after)")
+    body_timeout_s: float = setting(30.0, "seconds a request body may stall between two chunks (408 after)")
     log_level: str = setting("info", "debug, info, warning or error")
 
 
