@@ -108,14 +108,14 @@ def check_model_code(root: Path, key: str, model_code: str) -> None:
     if model_code != "refuse":
         return
     for path in sorted(root.rglob("*")):
-        if path.is_symlink() or not path.is_file():
-            continue
+        if path.is_dir() and not path.is_symlink():
+            continue  # files and links alike: a link named model.py runs whatever it points at
         name = path.name.lower()
         inside = path.relative_to(root).as_posix()
         why = None
         if name in _CODE_NAMES or name.endswith(_CODE_SUFFIXES) or ".so." in name:
             why = f"it holds {inside}"
-        elif name == "config.pbtxt":
+        elif name == "config.pbtxt" and path.is_file():
             found = _config_code(path)
             why = found and f"{inside[: -len(path.name)]}{found}"
         if why:

@@ -126,6 +126,13 @@ def test_code_is_refused_under_model_code_refuse(tmp_path: Path, files: dict[str
     check_model_code(root, "tenant/m.tar.gz", "allow")  # the default lets the same artifact through
 
 
+def test_a_link_named_like_code_is_refused_whatever_it_points_at(tmp_path: Path) -> None:
+    root = _artifact(tmp_path, {"1/notes.txt": b"import os", "1/model.bin": b""})
+    (root / "1" / "model.py").symlink_to("notes.txt")
+    with pytest.raises(InvalidArtifact, match="1/model.py"):
+        check_model_code(root, "m.tar.gz", "refuse")
+
+
 @pytest.mark.parametrize("files", [
     {"model.onnx": b"", "io.json": b"{}"},
     {"config.pbtxt": b'platform: "onnxruntime_onnx"', "1/model.onnx": b""},
