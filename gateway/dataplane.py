@@ -34,13 +34,14 @@ from gateway.errors import (
     Throttled,
     UpstreamTimeout,
 )
-from gateway.grpc_wire import RequestScan, WireError, rename, renamed, scan_request
-from gateway.infer_limits import check_grpc_request, check_http_request, shown
+from gateway.grpc_wire import rename, renamed
+from gateway.infer_limits import shown
 from gateway.manager import Lease, ModelManager
 from gateway.naming import ModelKey
 from gateway.metrics import Metrics
 from gateway.records import ModelRecord, State
 from gateway.redact import public
+from gateway.request_checks import RequestChecker
 from gateway.triton.grpc import TritonGrpc, TritonRpcError
 from gateway.triton.http import Body, Forwarded, TritonHttp
 
@@ -154,15 +155,6 @@ def model_path(triton_name: str, version: str | None, suffix: str = "") -> str:
 
 def upstream_error(exc: grpc.aio.AioRpcError, names: Mapping[str, str]) -> TritonRpcError:
     return TritonRpcError(exc.code(), rename_text(exc.details() or exc.code().name, names))
-
-
-def scan_grpc_request(raw: bytes) -> RequestScan:
-    """A serialized ModelInferRequest scanned (`gateway.grpc_wire`); bytes no protobuf parser would accept
-    are the client's error (400, INVALID_ARGUMENT), counted like any other refusal."""
-    try:
-        return scan_request(raw)
-    except WireError as exc:
-        raise InvalidRequest(f"malformed ModelInferRequest: {exc}") from None
 
 
 _HTTP_FOR_GRPC = {
@@ -302,6 +294,7 @@ class DataPlane:
         self.max_concurrency = max_concurrency
         self.queue_timeout_s = queue_timeout_s
         self._slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        self.checks = RequestChecker(max_request_bytes)
         self._metadata: OrderedDict[tuple[str, str | None], dict[str, Any]] = OrderedDict()
 
     @property
@@ -346,17 +339,18 @@ class DataPlane:
         self.manager.lost([rec])
         raise ModelNotReady(f"model {key!r} is being loaded again (Triton lost it); retry shortly")
 
-    def checked_body(self, key: str, body: Body, headers: Mapping[str, str]) -> tuple[Body, dict[str, str]]:
+    async def checked_body(self, key: str, body: Body, headers: Mapping[str, str]) -> tuple[Body, dict[str, str]]:
         """A KServe v2 HTTP infer body and the headers to forward with it, once its declared tensors are
-        consistent and within the cap (see `gateway.infer_limits`); before any model is loaded for it."""
-        return check_http_request(key, body, headers, self.max_request_bytes)
+        consistent and within the cap (see `gateway.infer_limits`, `gateway.request_checks`); before any model
+        is loaded for it."""
+        return await self.checks.http(key, body, headers)
 
     async def infer(self, key: str, body: Body, headers: Mapping[str, str], protocol: str,
                     version: str | None = None) -> Forwarded:
         """KServe v2 HTTP inference: the body reaches Triton as sent (inflated if it was compressed).
         `serving` without its generator layer: this is nearly every request."""
         with Outcome(self.metrics, protocol) as outcome:
-            body, headers = self.checked_body(key, body, headers)
+            body, headers = await self.checked_body(key, body, headers)
             if version is not None:
                 model_path("", version)  # refused before a model is loaded for it
             async with self.holding(key) as rec:
@@ -369,8 +363,7 @@ class DataPlane:
         TargetModel, never parsed whole; only `model_name` is rewritten each way (`gateway.grpc_wire`), so
         tensors pass as bytes, which the gateway copies once each way (the join that writes the new name)."""
         with Outcome(self.metrics, protocol) as outcome:  # `serving` without its generator layer, as in `infer`
-            request = scan_grpc_request(raw)
-            check_grpc_request(request, self.max_request_bytes)
+            request = await self.checks.grpc(raw)
             key = request.model_name
             async with self.holding(key, wait_s) as rec:
                 try:

@@ -191,3 +191,10 @@ class TritonUnavailable(GatewayError):
 
     status = 503
     code = "TritonUnavailable"
+
+
+class RequestCheckFailed(GatewayError):
+    """The process checking a large request stopped before answering (see `gateway.request_checks`)."""
+
+    status = 503
+    code = "RequestCheckFailed"

@@ -52,8 +52,15 @@ INFER_RESPONSE = 0x12  # ModelStreamInferResponse field 2
 _MAX_TAG = 0xFFFFFFFF  # field numbers are at most 2**29 - 1: a tag fits in 32 bits
 
 
+MAX_FIELDS = 1 << 16  # top-level fields of one request: far more than any model's inputs, outputs, parameters
+
+
 class WireError(ValueError):
     """The bytes are not a message a protobuf parser would accept."""
+
+
+class OverBudget(Exception):
+    """Reading this message would take more than the caller's budget: read it where time is not shared."""
 
 
 # -- reading ------------------------------------------------------------------------------------------------
@@ -176,15 +183,25 @@ class RequestScan:
         self.name_spans = name_spans
 
 
-def scan_request(buf: Buffer) -> RequestScan:
-    """Read a serialized ModelInferRequest in one pass without copying its tensors (see `RequestScan`)."""
+def scan_request(buf: Buffer, budget: int | None = None) -> RequestScan:
+    """Read a serialized ModelInferRequest in one pass without copying its tensors (see `RequestScan`).
+
+    Work is linear in the bytes read: at most `MAX_FIELDS` fields (WireError past it), each parsed field's
+    bytes (everything but raw tensors, which are only measured). With a `budget`, OverBudget is raised as
+    soon as those bytes plus 64 per field pass it, so an event loop reads only small messages itself."""
     spans: list[int] = []
     inputs: list[InferInput] = []
     lengths: list[int] = []
     name = version = ident = ""
-    tag = 0
+    tag = count = cost = 0
     try:
         for tag, start, pos, stop in fields(buf):
+            count += 1
+            cost += 64 if tag == 0x3A else 64 + stop - pos
+            if budget is not None and cost > budget:
+                raise OverBudget()
+            if count > MAX_FIELDS:
+                raise WireError(f"more than {MAX_FIELDS} fields")
             if tag == 0x3A:  # RAW_INPUT_CONTENTS: measured, never sliced
                 lengths.append(stop - pos)
             elif tag == 0x2A:  # INPUTS

@@ -157,10 +157,20 @@ def _prefix(parts: Sequence[bytes], n: int) -> bytes:
     return b"".join(taken)
 
 
-def check_http_request(key: str, body: Body, headers: Mapping[str, str], cap: int) -> tuple[Body, dict[str, str]]:
-    """The body to forward and the headers to forward with it (inflated: no Content-Encoding), or an error.
-    A body may come as the parts it arrived in: only its JSON header is read, and the tensor bytes after it
-    are forwarded as they came, never joined."""
+class HttpParts:
+    """A KServe v2 HTTP infer request taken apart without parsing: what to forward, and what to check."""
+
+    __slots__ = ("body", "forward", "header", "binary_length")
+
+    def __init__(self, body: Body, forward: dict[str, str], header: bytes, binary_length: int) -> None:
+        self.body, self.forward, self.header, self.binary_length = body, forward, header, binary_length
+
+
+def split_http_request(key: str, body: Body, headers: Mapping[str, str], cap: int) -> HttpParts:
+    """The body to forward and the headers to forward with it (inflated: no Content-Encoding), with its JSON
+    header and the byte count after it, for `check_header`. A body may come as the parts it arrived in: only
+    its JSON header is copied out, and the tensor bytes after it are forwarded as they came, never joined.
+    Cheap but for inflating a compressed body (see `gateway.request_checks` for doing that off the loop)."""
     headers = {k.lower(): v for k, v in headers.items()}
     # No Accept-Encoding: a compressed answer could not have Triton's internal name taken out of it.
     fwd = {k: v for k, v in headers.items() if k in ("content-type", _HEADER_LENGTH)}
@@ -182,7 +192,13 @@ def check_http_request(key: str, body: Body, headers: Mapping[str, str], cap: in
                                  f"a length within the {total}-byte body")
         header_length = int(length_text)
         fwd[_HEADER_LENGTH] = str(header_length)  # the number checked, not the client's spelling of it
-    request = _parse_header(key, _prefix(parts, header_length))
+    return HttpParts(body, fwd, _prefix(parts, header_length), total - header_length)
+
+
+def check_header(key: str, header: bytes, binary_length: int, cap: int) -> None:
+    """The JSON header's inputs checked against each other, the cap and the `binary_length` bytes after it.
+    Linear in the header's bytes; a plain function of bytes, so it can run in another process."""
+    request = _parse_header(key, header)
     binary_total, declared_total = 0, 0
     for tensor in request["inputs"]:
         name = tensor.get("name")
@@ -215,10 +231,16 @@ def check_http_request(key: str, body: Body, headers: Mapping[str, str], cap: in
                                      f"({count} elements) but its data holds {found}")
         else:
             raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)} has neither \"data\" nor binary data")
-    if binary_total != total - header_length:
+    if binary_total != binary_length:
         raise InvalidRequest(f"TargetModel {key!r}: the inputs' binary_data_size add up to {binary_total} bytes "
-                             f"but {total - header_length} follow the JSON header")
-    return body, fwd
+                             f"but {binary_length} follow the JSON header")
+
+
+def check_http_request(key: str, body: Body, headers: Mapping[str, str], cap: int) -> tuple[Body, dict[str, str]]:
+    """`split_http_request` and `check_header` in one call, on this thread: the body and headers to forward."""
+    parts = split_http_request(key, body, headers, cap)
+    check_header(key, parts.header, parts.binary_length, cap)
+    return parts.body, parts.forward
 
 
 _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -239,10 +261,13 @@ def check_grpc_request(request: RequestScan, cap: int) -> None:
         raise InvalidRequest(f"TargetModel {key!r}: {len(raw)} raw_input_contents for {len(inputs)} inputs")
     declared_total = 0
     for position, tensor in enumerate(inputs):
-        name, datatype, shape = tensor.name, tensor.datatype, tensor.shape[:]  # a list; twice as fast as list()
-        # protobuf dims are int64 already: only a negative one or too many need `elements` (which says why)
-        count = math.prod(shape) if not shape or (len(shape) <= MAX_DIMS and min(shape) >= 0) else elements(
-            key, name, shape)
+        name, datatype = tensor.name, tensor.datatype
+        if len(tensor.shape) > MAX_DIMS:  # counted before it is copied: it may hold millions
+            raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)} has a shape of {len(tensor.shape)} "
+                                 f"dimensions; the gateway takes at most {MAX_DIMS}")
+        shape = tensor.shape[:]  # a list; twice as fast as list()
+        # protobuf dims are int64 already: only a negative one needs `elements` (which says what is wrong)
+        count = math.prod(shape) if not shape or min(shape) >= 0 else elements(key, name, shape)
         size = declared_bytes(key, name, datatype, count)
         declared_total += size
         if declared_total > cap:

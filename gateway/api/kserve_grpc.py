@@ -37,10 +37,9 @@ from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2 as pb
 
 from gateway.api.grpc_auth import KeyInterceptor
-from gateway.dataplane import UNLOAD_WAIT_S, DataPlane, http_status, rename_text, scan_grpc_request
+from gateway.dataplane import UNLOAD_WAIT_S, DataPlane, http_status, rename_text
 from gateway.errors import GatewayError, ModelBusy, Throttled
 from gateway.grpc_wire import WireError, rename_stream_response, renamed, stream_response_model
-from gateway.infer_limits import check_grpc_request
 from gateway.keys import KeyRing
 from gateway.records import ModelRecord
 from gateway.redact import public
@@ -336,13 +335,14 @@ class GrpcEdge:
         async for raw in requests:
             key, request_id = "", ""
             try:
-                request = scan_grpc_request(raw)
+                request = await self.dp.checks.grpc(raw)
                 key, request_id = request.model_name, request.id
-                check_grpc_request(request, self.dp.max_request_bytes)
                 rec = await held.take(self.dp.holding(key, self._wait_s(context)))
                 forward = renamed(raw, request, rec.name)
             except (GatewayError, TritonRpcError) as exc:
                 self._count(exc.status if isinstance(exc, GatewayError) else http_status(exc.code))
+                key = getattr(exc, "model_name", key)  # a refused request's own, when it could be read
+                request_id = getattr(exc, "request_id", request_id)
                 message = exc.message if isinstance(exc, GatewayError) else exc.details
                 refused = pb.ModelStreamInferResponse(error_message=public(message))
                 refused.infer_response.model_name = key
