@@ -179,6 +179,7 @@ class Gateway:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        self.dataplane.checks.close()
         await self.triton_http.close()
         await self.triton_grpc.close()
         await self.control.close()
