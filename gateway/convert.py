@@ -98,7 +98,11 @@ def _ended(code: int) -> str:
     if code == -signal.SIGKILL:
         return "the process reading it was killed (past its CPU time, or out of memory)"
     if code < 0:
-        return f"the process reading it crashed ({signal.Signals(-code).name})"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the process reading it crashed ({name})"
     return f"the process reading it ended with code {code}"
 
 

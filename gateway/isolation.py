@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -56,7 +56,7 @@ def child_env(overrides: Mapping[str, str] | None = None, source: Mapping[str, s
     return kept
 
 
-def _prctl() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _prctl() -> Any:
     if not sys.platform.startswith("linux"):
         return None
     try:
