@@ -85,7 +85,9 @@ class Head(NamedTuple):
 
 def read_head(headers: list[tuple[bytes, bytes]]) -> Head:
     """One pass over the ASGI headers (names lower-cased); on every request, so it looks at little."""
-    length = authorization = repeated = None
+    length: int | None = None
+    authorization: str | None = None
+    repeated: str | None = None
     chunked = False
     seen: set[bytes] = set()
     for name, value in headers:
