@@ -133,6 +133,7 @@ class Gateway:
         if self.settings.remeasure_interval_s > 0:
             self._memory_watch = asyncio.create_task(self.manager.budget.watch(), name="memory-watch")
         self._lag_watch = asyncio.create_task(watch_lag(self.metrics.loop_lag), name="loop-lag")
+        self.dataplane.checks.start()
         self.started = True
         log.info("gateway.started", extra={"store": self.store.url, "cache_dir": str(self.settings.cache_dir)})
 

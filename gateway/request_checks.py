@@ -9,8 +9,8 @@ in a worker process, and the loop only copies the bytes to it. Compressed bodies
 (zlib lets go of the GIL). Small requests, nearly all of them, are checked in place as before: no copy, no
 hop.
 
-The workers are started on first use (`spawn`: a clean interpreter that imports only the checks), one per
-two cores, at least one. A worker that dies (its memory, a signal) is replaced and the request that was in
+The workers start with the gateway (`spawn`: a clean interpreter that imports only the checks), one per two
+cores, at least two and at most four. A worker that dies (its memory, a signal) is replaced and the request that was in
 it is refused with 503 "retry": what killed it is not trusted to run here.
 """
 
@@ -64,8 +64,17 @@ class RequestChecker:
 
     def __init__(self, cap: int, workers: int | None = None) -> None:
         self.cap = cap
-        self.workers = workers or max(1, (os.cpu_count() or 2) // 2)
+        self.workers = workers or min(4, max(2, (os.cpu_count() or 2) // 2))
         self._pool: ProcessPoolExecutor | None = None
+
+    def start(self) -> None:
+        """Start the workers now (in the background), so the first big request does not wait for them."""
+        self._executor().submit(int)
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
 
     async def http(self, key: str, body: Body, headers: Mapping[str, str]) -> tuple[Body, dict[str, str]]:
         """A KServe v2 HTTP infer body checked: the body and headers to forward, or the error."""
@@ -93,9 +102,7 @@ class RequestChecker:
         return scan
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-        pool = self._pool
+        pool = self._executor()
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
         except BrokenProcessPool:
