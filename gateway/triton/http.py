@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import ssl
 from dataclasses import dataclass
 from typing import Mapping, Sequence, Union
@@ -21,11 +22,14 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from gateway.errors import TritonUnavailable, UpstreamTimeout
+from gateway.errors import InvalidRequest, TritonUnavailable, UpstreamTimeout
 from gateway.triton import auth
 
 # Request headers Triton's HTTP API acts on; the rest (cookies, auth for the gateway, ...) stay here.
-FORWARD_REQUEST = ("content-type", "inference-header-content-length", "content-encoding", "accept-encoding")
+# No Accept-Encoding: an answer Triton compressed could not have its internal model name taken out of it.
+FORWARD_REQUEST = ("content-type", "inference-header-content-length", "content-encoding")
+_UNSAFE_PATH = re.compile(r"[\x00-\x20\x7f]")  # a path is written into the request line: no space, CR, LF
+_UNSAFE_VALUE = re.compile(r"[\r\n\x00]")
 _FORWARD_RESPONSE = frozenset((b"content-type", b"inference-header-content-length", b"content-encoding"))
 _CONNECT_TIMEOUT_S = 5.0
 _JOIN_BELOW = 1 << 16  # smaller bodies are joined with the head into one write; larger ones are not copied
@@ -214,12 +218,18 @@ class TritonHttp:
     # -- the parts ---------------------------------------------------------------------------------------------
 
     def _head(self, method: str, path: str, length: int | None, headers: Mapping[str, str] | None) -> bytes:
+        """The request's head; what could split it (a space or CR/LF in the path, CR/LF in a value) is refused
+        here too, whatever the caller checked: one bad request must not inject into a pooled connection."""
+        if _UNSAFE_PATH.search(path):
+            raise InvalidRequest(f"the path {path[:80]!r} holds a space or control character")
         lines = [f"{method} {self._prefix}{path} HTTP/1.1\r\n", self._fixed_lines]
         if length is not None:
             lines.append(f"Content-Length: {length}\r\n")
         if headers:
             for name, value in headers.items():
                 if name.lower() in FORWARD_REQUEST:
+                    if _UNSAFE_VALUE.search(value):
+                        raise InvalidRequest(f"header {name} holds a CR, LF or NUL")
                     lines.append(f"{name}: {value}\r\n")
         lines.append("\r\n")
         return "".join(lines).encode("latin-1")

@@ -271,3 +271,15 @@ def test_a_stream_answer_names_its_model() -> None:
     answer = pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(model_name="m-01", id="7"))
     assert stream_response_model(answer.SerializeToString()) == "m-01"
     assert stream_response_model(pb.ModelStreamInferResponse(error_message="x").SerializeToString()) == ""
+
+
+@pytest.mark.parametrize("path, headers", [("/v2/models/m/versions/1\r\nX-Evil: 1/infer", {}),
+                                           ("/v2/models/m/versions/1 HTTP/1.1/infer", {}),
+                                           ("/v2/models/m/infer", {"content-type": "a\r\nX-Evil: 1"})])
+def test_the_triton_client_refuses_to_write_a_head_that_could_be_split(path: str, headers: dict[str, str]) -> None:
+    from gateway.triton.http import TritonHttp
+
+    client = TritonHttp("http://127.0.0.1:9")
+    with pytest.raises(InvalidRequest):
+        client._head("POST", path, 0, headers)
+    assert b"\r\n\r\n" in client._head("POST", "/v2/models/m/infer", 0, {"content-type": "application/json"})
