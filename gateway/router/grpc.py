@@ -196,14 +196,24 @@ class GrpcForwarder:
     # -- the stream ----------------------------------------------------------------------------------------------
 
     async def _stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        """The whole stream goes where its first request's model routes (an instance serves any model)."""
-        first = await anext(aiter(requests), None)
+        """The whole stream goes where its first request's model routes (an instance serves any model). It
+        lasts at most the client's deadline or `_STREAM_TIMEOUT_S`, its wait for the first request included:
+        a client that opens streams and sends nothing holds none of them for ever."""
+        left = context.time_remaining()
+        timeout = _STREAM_TIMEOUT_S if left is None else max(min(left, _STREAM_TIMEOUT_S), 0.001)
+        ends = time.monotonic() + timeout
+        try:
+            async with asyncio.timeout(timeout):
+                first = await anext(aiter(requests), None)
+        except TimeoutError:
+            self.metrics.errors.labels("timeout").inc()
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"the stream sent no request within {timeout:g} s")
         if first is None:
             return
         model = model_field(first, 1)
         metadata = forwarded_metadata(context)
-        left = context.time_remaining()
-        timeout = _STREAM_TIMEOUT_S if left is None else max(min(left, _STREAM_TIMEOUT_S), 0.001)
+        timeout = max(ends - time.monotonic(), 0.001)
         try:
             instance, reason = self.table.pick(model, set())
         except NoInstance as exc:
