@@ -1,7 +1,9 @@
 """API keys on the gRPC edge: the `authorization: Bearer <key>` metadata checked before any handler runs.
 
 The scopes match the HTTP edge's: ServerLive and ServerReady are health and stay open; the repository
-calls (index, load, unload) need `manage`; everything else needs `invoke`. A refusal is UNAUTHENTICATED
+calls (index, load, unload) need `manage`; everything else needs `invoke`, except that ModelStatistics for
+every model at once (an empty name) is a listing like the repository index and needs `manage` (checked in
+the handler, which sees the request). A refusal is UNAUTHENTICATED
 (no key, or an unknown one) or PERMISSION_DENIED (a key without the scope), raised in a handler of the
 call's own kind so streaming clients get a proper status too.
 """
@@ -15,7 +17,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from gateway.keys import INVOKE, MANAGE, KeyRing
+from gateway.keys import INVOKE, MANAGE, ApiKey, KeyRing
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,17 @@ def _refusal(method: str, code: grpc.StatusCode, message: str) -> grpc.RpcMethod
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
+def bearer_key(keys: KeyRing, metadata: Any) -> tuple[ApiKey | None, str]:
+    """The valid key a call's `authorization: Bearer <key>` metadata names (None if none), and the header as
+    sent ("" when absent). The first `authorization` entry is the one read, here and nowhere else."""
+    authorization = next((value for name, value in metadata or () if name == "authorization"), "")
+    if isinstance(authorization, bytes):
+        authorization = authorization.decode("latin-1")
+    scheme, _, token = authorization.partition(" ")
+    key = keys.check(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+    return key, authorization
+
+
 class KeyInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, keys: KeyRing) -> None:
         self.keys = keys
@@ -57,12 +70,7 @@ class KeyInterceptor(grpc.aio.ServerInterceptor):
         need = method_scope(details.method)
         if need == OPEN:
             return await continuation(details)
-        authorization = next((value for name, value in details.invocation_metadata or ()
-                              if name == "authorization"), "")
-        if isinstance(authorization, bytes):
-            authorization = authorization.decode("latin-1")
-        scheme, _, token = authorization.partition(" ")
-        key = self.keys.check(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        key, authorization = bearer_key(self.keys, details.invocation_metadata)
         if key is None:
             log.info("auth.refused", extra={"method": details.method, "reason": "Unauthenticated"})
             message = ("the API key is not valid" if authorization else

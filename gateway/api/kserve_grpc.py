@@ -36,11 +36,11 @@ import grpc.aio
 from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2 as pb
 
-from gateway.api.grpc_auth import KeyInterceptor
+from gateway.api.grpc_auth import KeyInterceptor, bearer_key
 from gateway.dataplane import UNLOAD_WAIT_S, DataPlane, http_status, rename_text
-from gateway.errors import GatewayError, ModelBusy, Throttled
+from gateway.errors import Forbidden, GatewayError, ModelBusy, Throttled
 from gateway.grpc_wire import WireError, rename_stream_response, renamed, stream_response_model
-from gateway.keys import KeyRing
+from gateway.keys import MANAGE, KeyRing
 from gateway.records import ModelRecord
 from gateway.redact import public
 from gateway.triton.grpc import SERVICE, UNLIMITED, TritonRpcError
@@ -256,6 +256,11 @@ class GrpcEdge:
             for stats in answer.model_stats:
                 stats.name = request.name
             return answer
+        if self._keys is not None:  # every model at once is a listing, as the repository index is
+            key, _ = bearer_key(self._keys, context.invocation_metadata())
+            if key is None or MANAGE not in key.scopes:
+                raise Forbidden("statistics for every model (an empty model name) need the 'manage' scope; "
+                                "name a model to read its statistics with 'invoke'")
         keys = self.dp.names()
         answer = await stub.ModelStatistics(pb.ModelStatisticsRequest(), timeout=_CALL_TIMEOUT_S)
         out = pb.ModelStatisticsResponse()

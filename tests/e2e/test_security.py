@@ -153,6 +153,22 @@ def test_grpc_needs_a_key_in_metadata_and_manage_for_the_repository(gw: GatewayP
         client.close()
 
 
+def test_statistics_of_every_model_at_once_need_manage_and_one_model_s_need_invoke(gw: GatewayProcess) -> None:
+    assert infer(gw, bearer(INVOKE_KEY))[0] == 200
+    with grpc.insecure_channel(gw.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:  # it listed every model to an invoke key
+            stub.ModelStatistics(pb.ModelStatisticsRequest(), timeout=30,
+                                 metadata=(("authorization", f"Bearer {INVOKE_KEY}"),))
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED and "manage" in refused.value.details()
+        one = stub.ModelStatistics(pb.ModelStatisticsRequest(name=MODEL), timeout=30,
+                                   metadata=(("authorization", f"Bearer {INVOKE_KEY}"),))
+        assert [s.name for s in one.model_stats] == [MODEL]
+        every = stub.ModelStatistics(pb.ModelStatisticsRequest(), timeout=30,
+                                     metadata=(("authorization", f"Bearer {MANAGE_KEY}"),))
+        assert MODEL in {s.name for s in every.model_stats}
+
+
 def test_grpc_streams_are_refused_without_a_key(gw: GatewayProcess) -> None:
     with grpc.insecure_channel(gw.grpc_url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
