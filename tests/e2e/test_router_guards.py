@@ -82,12 +82,15 @@ def _answer(sock: socket.socket) -> tuple[int, bytes]:
 
 
 def _closed(sock: socket.socket) -> bool:
-    """The router closed the connection after its answer (reads end, or the rest of our body was refused)."""
+    """Whether the router closed the connection after its answer: reads end (or are reset, the rest of our
+    body refused) before the socket's timeout, instead of the connection waiting for more."""
     try:
         while sock.recv(1 << 16):
             pass
     except ConnectionResetError:
         pass
+    except TimeoutError:
+        return False
     return True
 
 
