@@ -226,8 +226,8 @@ class HttpForwarder:
 
     async def _refuse(self, send: Send, protocol: str, status: int, code: str, message: str,
                       close: bool = False) -> None:
-        """An answer of the router's own before any instance is involved; `close` ends the connection (the
-        rest of a chunked body past the cap is not read)."""
+        """An answer of the router's own, not an instance's; `close` ends the connection (the rest of a
+        chunked body past the cap is not read)."""
         self.metrics.requests.labels(protocol, str(status)).inc()
         status, headers, body = _error(status, code, message)
         if close:
