@@ -8,6 +8,7 @@ import argparse
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
+from gateway.api.fastpath import parse_infer_path
 from gateway.router.discovery import Endpoint, parse_static
 from gateway.router.grpc import model_field
 from gateway.router.health import free_memory, held_models
@@ -104,3 +105,14 @@ def test_model_field_reads_the_name_the_gateway_reads_when_it_repeats() -> None:
     last = pb.ModelInferRequest(model_name="last.tar.gz").SerializeToString()
     assert pb.ModelInferRequest.FromString(first + last).model_name == "last.tar.gz"
     assert model_field(first + last, 1) == "last.tar.gz"
+
+
+@pytest.mark.parametrize("path", [
+    "/v2/models/a/b.tar.gz/infer", "/v2/models/m/versions/1/infer", "/v2/models/m/versions//infer",
+    "/v2/models/m/versions/1/2/infer", "/v2/models/versions/1/infer", "/v2/models//versions/1/infer",
+    "/v2/models/m/infer/infer", "/v2/models/m/versions/x y/infer", "/v2/models/m%2Fn/infer",
+])
+def test_the_router_reads_an_infer_paths_model_as_the_gateway_does(path: str) -> None:
+    """Routing by another name than the gateway serves would load the model where its requests do not go."""
+    served = parse_infer_path(path)
+    assert target_model(path, []) == ((served[0] if served else None), "/infer")
