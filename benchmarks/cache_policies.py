@@ -84,8 +84,8 @@ class TimingStaging:
 
     def stage(self, model: ModelKey, info: ObjectInfo, source: object = None,
               protected: object = ()) -> StagedArtifact:
-        artifact = StagedArtifact(key=model.key, triton_name=model.triton_name, etag=info.etag,
-                                  artifact_bytes=info.size, disk_bytes=info.size, framework="onnx",
+        artifact = StagedArtifact(key=model.key, triton_name=model.triton_name, namespace=model.namespace,
+                                  etag=info.etag, artifact_bytes=info.size, disk_bytes=info.size, framework="onnx",
                                   backend="python", instance_count=1, staged_at=time.time(), download_s=0.0)
         self.staged_names[model.triton_name] = artifact
         return artifact

@@ -115,6 +115,13 @@ class ModelBusy(GatewayError):
     code = "ModelBusy"
 
 
+class ModelNameCollision(GatewayError):
+    """The model's Triton name is held by another model (a record or a staged directory made for another
+    key): a gateway fault, refused rather than answering with the other model."""
+
+    code = "ModelNameCollision"
+
+
 class ModelNotReady(GatewayError):
     """The model is still being staged or loaded past the caller's wait bound; retrying later succeeds."""
 

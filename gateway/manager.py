@@ -15,6 +15,9 @@ per ETag so a bad artifact is refused at once until it is replaced in the store)
   model's memory counts as used until Triton's index no longer shows it (modelmesh-serving #455).
 - Triton's own index is the ground truth for what is loaded: it is reconciled at start and after Triton
   restarts.
+- Records are found by Triton name, and a record (or a staged directory) made for another model under the
+  same name is refused with ModelNameCollision: names carry 128 bits of hash, so this is a fault to report,
+  never a reason to answer one key with another key's model.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from gateway.memory import MemoryProbe
 from gateway.metrics import Metrics
 from gateway.naming import ModelKey, model_key
 from gateway.policy import EvictionPolicy
-from gateway.records import RESIDENT, ModelRecord, State
+from gateway.records import RESIDENT, ModelRecord, State, name_collision, record_for
 from gateway.staging import StagedArtifact, Staging
 from gateway.stubs import Stubs
 from gateway.store.base import ArtifactStore, ObjectInfo
@@ -107,7 +110,7 @@ class ModelManager:
                                    stub_missing=lambda rec: self.heal(rec, "stub_died"))
         self.loader = Loader(control, meter, self.budget, metrics, policy, staging, changed=self._update_gauges,
                              stubs=stubs)
-        self._registered: dict[str, str] = {}  # container-API model name -> Triton name
+        self._registered: dict[str, ModelKey] = {}  # container-API model name -> its model
         self.triton_up = True  # False while the embedded Triton is down or restarting (see `suspend`)
         self._hit = metrics.cache_requests.labels(result="hit")  # labels() costs microseconds per request
         self._miss = metrics.cache_requests.labels(result="miss")
@@ -128,7 +131,11 @@ class ModelManager:
         return list(self._records.values())
 
     def record(self, key: str) -> ModelRecord | None:
-        return self._records.get(self._resolve(key).triton_name)
+        return self._find(self._resolve(key))
+
+    def _find(self, model: ModelKey) -> ModelRecord | None:
+        """`model`'s record, or None; ModelNameCollision if its name holds another model's (see `record_for`)."""
+        return record_for(self._records.get(model.triton_name), model)
 
     def committed_bytes(self) -> int:
         """Memory of models loaded, loading or not yet confirmed unloaded."""
@@ -152,7 +159,7 @@ class ModelManager:
         return loop
 
     def _record(self, model: ModelKey) -> ModelRecord:
-        rec = self._records.get(model.triton_name)
+        rec = self._find(model)
         if rec is None:
             rec = self._records[model.triton_name] = ModelRecord(model=model)
         return rec
@@ -298,7 +305,7 @@ class ModelManager:
     async def _run_pipeline(self, rec: ModelRecord) -> None:
         while rec.state is State.UNLOADING:  # an eviction chose it just before this request: let it finish
             await asyncio.sleep(_POLL_S)
-        staged = self.staging.staged(rec.name)
+        staged = self._staged(rec)
         if staged is not None and staged.etag == rec.etag and not self._stale(rec) and rec.state is not State.FAILED:
             info = ObjectInfo(key=rec.model.key, etag=staged.etag, size=staged.artifact_bytes)  # trusted (TTL)
         else:
@@ -314,6 +321,13 @@ class ModelManager:
             self.metrics.disk_hits.inc()
             log.info("model.disk_hit", extra={"model": rec.model.key, "etag": info.etag})
         await self.loader.load(rec, staged)
+
+    def _staged(self, rec: ModelRecord) -> StagedArtifact | None:
+        """What is on disk under the model's name; ModelNameCollision if that was staged for another model."""
+        staged = self.staging.staged(rec.name)
+        if staged is not None and (staged.key, staged.namespace) != (rec.model.key, rec.model.namespace):
+            raise name_collision(rec.model, staged.key, staged.namespace, "disk")
+        return staged
 
     async def _stage(self, rec: ModelRecord, info: ObjectInfo) -> StagedArtifact:
         rec.state, rec.etag, rec.error = State.STAGING, info.etag, None
@@ -443,7 +457,7 @@ class ModelManager:
             raise ModelAlreadyExists(f"model name {name!r} is a model in the store; register it under another name")
         rec = self._record(model)
         rec.source = source
-        self._registered[name] = model.triton_name
+        self._registered[name] = model
         try:
             return await self.ensure_ready(model, wait_timeout_s)
         except ModelNotReady:
@@ -455,18 +469,17 @@ class ModelManager:
 
     def registered_model(self, name: str) -> ModelKey | None:
         """The model registered as `name` (the container API's invoke leases it by this), or None."""
-        triton_name = self._registered.get(name)
-        rec = self._records.get(triton_name or "")
-        return None if rec is None else rec.model
+        model = self._registered.get(name)
+        return None if model is None or self._find(model) is None else model
 
     def registered(self) -> dict[str, ModelRecord]:
-        return {name: self._records[t] for name, t in self._registered.items() if t in self._records}
+        return {name: rec for name, model in self._registered.items() if (rec := self._find(model)) is not None}
 
     async def deregister(self, name: str, drain_timeout_s: float = 60.0) -> None:
         """Unload and forget a registered model; ModelNotFound (404) if there is none by that name, ModelBusy
         (409) if its requests do not finish within `drain_timeout_s` (it stays registered then)."""
-        triton_name = self._registered.get(name)
-        rec = self._records.get(triton_name or "")
+        model = self._registered.get(name)
+        rec = None if model is None else self._find(model)
         if rec is None:
             raise ModelNotFound(f"model {name!r} is not loaded")
         deadline = asyncio.get_running_loop().time() + drain_timeout_s
@@ -484,17 +497,22 @@ class ModelManager:
     # -- reconciliation ------------------------------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Align records with Triton's index and the disk: at start and after a Triton restart."""
+        """Align records with Triton's index and the disk: at start and after a Triton restart. A model Triton
+        has loaded that no record answers for (an external Triton that outlived the gateway: registered
+        through the container API, or staged under an older naming) is unloaded: no key may reach it, and
+        its memory would be invisible to the budget."""
         index = {entry.name: entry for entry in await self.control.index()}
         on_disk = self.staging.all_staged()
         for artifact in on_disk:
             name = artifact.triton_name
             rec = self._records.get(name)
             if rec is None:
-                model = model_key(artifact.key, self.store.url)
-                if model.triton_name != name:
+                model = model_key(artifact.key, artifact.namespace)
+                if artifact.namespace != self.store.url or model.triton_name != name:
                     continue  # registered through the container API before a restart: SageMaker registers again
                 rec = self._record(model)
+            elif (rec.model.key, rec.model.namespace) != (artifact.key, artifact.namespace):
+                continue  # staged for another model under this name: `_staged` refuses it if this one loads
             if rec.pipeline and not rec.pipeline.done():
                 continue
             ready = name in index and index[name].state == "READY"
@@ -514,6 +532,13 @@ class ModelManager:
         for name, rec in list(self._records.items()):
             if rec.state in (State.READY, State.STAGED) and name not in staged_names and not rec.leases:
                 self._records.pop(name)
+        for name, entry in index.items():
+            if entry.state == "READY" and name not in self._records:
+                log.warning("model.unknown_unloaded", extra={"triton_name": name})
+                try:
+                    await self.control.unload(name)
+                except Exception as exc:  # advisory: a start must not fail on it (the next reconcile tries again)
+                    log.warning("model.unknown_unload_failed", extra={"triton_name": name, "error": str(exc)})
         self._update_gauges()
         log.info(
             "manager.reconciled",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from enum import Enum
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, ModelNameCollision
 from gateway.naming import ModelKey
 from gateway.store.base import ArtifactStore
 
@@ -20,6 +21,8 @@ class State(str, Enum):
     UNLOADING = "unloading"
     FAILED = "failed"
 
+
+log = logging.getLogger(__name__)
 
 RESIDENT = (State.LOADING, State.READY, State.UNLOADING)  # states whose memory counts against the budget
 
@@ -60,3 +63,23 @@ class ModelRecord:
     @property
     def name(self) -> str:
         return self.model.triton_name
+
+
+def name_collision(model: ModelKey, held_by: str, held_in: str, where: str) -> ModelNameCollision:
+    """The error for `model` finding its Triton name held by key `held_by` of namespace `held_in` (`where`:
+    "record" or "disk"). The log names both; the client's message only its own key (the other may be another
+    tenant's)."""
+    log.error("model.name_collision", extra={"model": model.key, "namespace": model.namespace,
+                                             "triton_name": model.triton_name, "held_by": held_by,
+                                             "held_by_namespace": held_in, "where": where})
+    return ModelNameCollision(f"model {model.key!r} cannot be served: its internal name is held by another model "
+                              "(a gateway fault, refused rather than answering with that model)")
+
+
+def record_for(rec: ModelRecord | None, model: ModelKey) -> ModelRecord | None:
+    """`rec`, found under `model`'s Triton name, if it was made for `model` (None stays None); a record made for
+    another model under that name raises ModelNameCollision: records are found by name, and returning it would
+    answer one key with another key's model."""
+    if rec is None or rec.model is model or rec.model == model:  # `is`: model_key's cache hands out one object
+        return rec
+    raise name_collision(model, rec.model.key, rec.model.namespace, "record")

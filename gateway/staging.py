@@ -6,6 +6,11 @@ Layout under the cache directory:
                             file's modification time is the model's last use, so disk LRU survives restarts;
 - `tmp/`                    downloads and extractions in progress (wiped at start).
 
+At start, whatever that metadata does not account for under the current naming is deleted: directories
+staged under an older naming (whose names kept fewer hash bits, and whose metadata lacks the namespace),
+damaged metadata, and a directory whose metadata was never written. A name is only ever served for the key
+and namespace its metadata records, and only if that is the name they have now.
+
 A directory moves into `repo/` only when complete (rename on the same file system), so Triton never sees a
 half-written model and a crash leaves at worst a stale `tmp/` entry. The tier has a byte budget: staged
 models that are not loaded are deleted least recently used first when a new artifact needs the room
@@ -27,7 +32,7 @@ from typing import Collection, Protocol
 
 from gateway.errors import DiskFull
 from gateway.extract import ExtractLimits, disk_error, safe_extract
-from gateway.naming import ModelKey
+from gateway.naming import ModelKey, is_name_of
 from gateway.render import RenderOptions, RenderedModel, render_model_dir
 from gateway.store.base import ArtifactStore, ObjectInfo
 
@@ -42,6 +47,7 @@ class StagedArtifact:
 
     key: str
     triton_name: str
+    namespace: str  # the store's URL, or a registered model's: the name's hash covers it
     etag: str
     artifact_bytes: int
     disk_bytes: int
@@ -116,7 +122,22 @@ class StagingArea:
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()
         self._lock = threading.Lock()  # staging runs in worker threads; sizes are shared with the loop
-        self._sizes: dict[str, int] = {a.triton_name: a.disk_bytes for a in self.all_staged()}
+        self._sizes: dict[str, int] = {}
+        self._sweep()
+        self._sizes = {a.triton_name: a.disk_bytes for a in self.all_staged()}
+
+    def _sweep(self) -> None:
+        """Delete what no current metadata accounts for (see the module's docstring); a later request for the
+        key stages it again under its current name (the footprint ledger is keyed by ETag, so its
+        measurements still apply)."""
+        for tmp in self.meta.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+        found = {p.stem for p in self.meta.glob("*.json")} | {p.name for p in self.repo.iterdir()}
+        stale = sorted(name for name in found if self.staged(name) is None)
+        for name in stale:
+            self.remove(name)
+        if stale:
+            log.warning("staging.stale_removed", extra={"triton_names": stale})
 
     # -- what is on disk -------------------------------------------------------------------------------
 
@@ -127,11 +148,14 @@ class StagingArea:
         return self.meta / f"{triton_name}.json"
 
     def staged(self, triton_name: str) -> StagedArtifact | None:
-        """What is on disk for this model, or None (also when the metadata or directory is damaged)."""
+        """What is on disk for this model, or None: also when the metadata or directory is damaged, or the
+        metadata is not of a model that has this name now (an older naming's, or not this name's)."""
         try:
             data = json.loads(self._meta_path(triton_name).read_text())
             artifact = StagedArtifact(**data)
         except (OSError, ValueError, TypeError):
+            return None
+        if artifact.triton_name != triton_name or not is_name_of(triton_name, artifact.key, artifact.namespace):
             return None
         return artifact if self.model_dir(triton_name).is_dir() else None
 
@@ -240,6 +264,7 @@ class StagingArea:
         artifact = StagedArtifact(
             key=model.key,
             triton_name=model.triton_name,
+            namespace=model.namespace,
             etag=info.etag,
             artifact_bytes=info.size,
             disk_bytes=dir_bytes(target),
