@@ -159,7 +159,9 @@ class ModelManager:
         return loop
 
     def _record(self, model: ModelKey) -> ModelRecord:
-        rec = self._find(model)
+        rec = self._records.get(model.triton_name)
+        if rec is not None and rec.model is not model:  # on every request: the check only when not the same object
+            record_for(rec, model)
         if rec is None:
             rec = self._records[model.triton_name] = ModelRecord(model=model)
         return rec
