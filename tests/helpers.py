@@ -6,12 +6,14 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
 import threading
 import time
 import urllib.request
+from http.client import HTTPResponse, RemoteDisconnected
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
@@ -212,6 +214,60 @@ def ballast_artifact(**params: object) -> bytes:
     for key, value in params.items():
         config += f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
     return tar_gz({"config.pbtxt": config.encode(), "1/model.py": _BALLAST_MODEL.encode()})
+
+
+LAG_BOUND_S = "0.05"  # issue 19's bound on the event loop's lag: a bucket of mme_event_loop_lag_seconds
+
+
+def loop_lag_buckets(gw: "GatewayProcess") -> dict[str, float]:
+    """`mme_event_loop_lag_seconds` from one /metrics read: cumulative observations by bucket bound (`le`,
+    "+Inf" for all of them). Read before and after a burst, `late_ticks` tells what landed over a bound."""
+    status, body, _ = http("GET", gw.url + "/metrics", timeout=30)
+    assert status == 200, body[:200]
+    return {dict(labels)["le"]: value for labels, value in
+            prometheus_samples(body.decode(), "mme_event_loop_lag_seconds_bucket").items()}
+
+
+def late_ticks(before: dict[str, float], after: dict[str, float], bound: str = LAG_BOUND_S) -> dict[str, int]:
+    """Observations of the loop's lag over `bound` between two `loop_lag_buckets` reads, by the bucket they
+    landed in (empty: the loop was never later than `bound`)."""
+    bounds = sorted(after, key=float)
+    late, below = {}, after[bound] - before[bound]
+    for le in bounds:
+        if float(le) > float(bound):
+            count = int(after[le] - before[le] - below)
+            if count:
+                late[le] = count
+            below = after[le] - before[le]
+    return late
+
+
+def http_bytes(method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
+    """A whole HTTP/1.1 request as it goes on the wire, path and headers exactly as given (no quoting, no
+    checks): for requests a client library would refuse or repair, and built before a timed send."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close",
+             *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
+
+
+def exchange(sock: socket.socket, request: bytes) -> tuple[int | None, bytes, float]:
+    """Send a prepared request on a connected socket and read the whole answer: (status, body, seconds from
+    the first byte sent to the answer's end). A gateway may answer from the headers and close before the body
+    is sent through; the status is None when the connection was reset before any answer arrived."""
+    started = time.monotonic()
+    try:
+        sock.sendall(request)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # answered (and closed) before reading the rest: the answer may still be there to read
+    try:
+        response = HTTPResponse(sock)
+        response.begin()
+        body = response.read()
+    except (ConnectionResetError, RemoteDisconnected):
+        return None, b"", time.monotonic() - started
+    return response.status, body, time.monotonic() - started
 
 
 def prometheus_samples(text: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
