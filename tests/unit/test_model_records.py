@@ -54,7 +54,7 @@ class IndexedTriton(TimingTriton):
         await super().unload(name)
 
 
-def _manager(tmp_path: Path, names: dict[str, str], index: list[IndexEntry] = ()
+def _manager(tmp_path: Path, names: dict[str, str], index: tuple[IndexEntry, ...] = ()
              ) -> tuple[ModelManager, TimingStaging, IndexedTriton]:
     """`names`: Triton name -> the key Triton loads under it; the store holds a.tar.gz and b.tar.gz."""
     specs = {key: ModelSpec(key, 10 * MB, 0.0) for key in ("a.tar.gz", "b.tar.gz")}
@@ -134,7 +134,7 @@ def test_reconcile_unloads_what_no_record_answers_for(tmp_path: Path) -> None:
     old = "a-0123abcd"
     index = [IndexEntry(current.triton_name, "1", "READY", ""), IndexEntry(old, "1", "READY", ""),
              IndexEntry("never-loaded", "1", "UNAVAILABLE", "")]
-    manager, staging, triton = _manager(tmp_path, {current.triton_name: "a.tar.gz"}, index)
+    manager, staging, triton = _manager(tmp_path, {current.triton_name: "a.tar.gz"}, tuple(index))
     staging.staged_names[current.triton_name] = _artifact(current)
     asyncio.run(manager.reconcile())
     assert triton.unloaded == [old]
