@@ -7,6 +7,7 @@ it answers through `public()`, which
 - replaces the cache directory, the store's location and Triton's addresses, then any URL, IP address and
   absolute path left, by a placeholder,
 - cuts Python tracebacks down to their last line (the exception and its message),
+- and keeps at most `MAX_CHARS` characters (cut before any pattern runs, so the work stays bounded),
 while the log keeps the full text. The configuration is set once at start (`configure`); unconfigured, only
 the generic rules apply.
 """
@@ -25,6 +26,7 @@ _PATH = re.compile(r"(?<![\w.\-/~])/(?:[\w.\-@+=~]+/)+[\w.\-@+=~]*")
 # Bounded to the longest name the gateway makes: an unbounded run would backtrack quadratically on client text.
 _INTERNAL_NAME = re.compile(rf"[A-Za-z0-9_.-]{{1,{SLUG_MAX}}}-[0-9a-f]{{{HASH_HEX}}}\b")
 _TRACEBACK = "Traceback (most recent call last):"
+MAX_CHARS = 4096  # of a message shown to a client; the log keeps the whole text
 
 _literals: list[tuple[str, str]] = []
 _names: Callable[[], Mapping[str, str]] = dict
@@ -57,10 +59,13 @@ def _strip_tracebacks(text: str) -> str:
 
 
 def public(text: str) -> str:
-    """`text` as a client may see it."""
+    """`text` as a client may see it, cut to `MAX_CHARS` before any pattern runs: the work stays bounded whatever
+    the message quotes (Triton echoes a client's input name, which may be megabytes: 8 MiB took seconds)."""
     if not text:
         return text
-    text = _strip_tracebacks(text)
+    text = _strip_tracebacks(text)  # linear; first, so a long traceback still shows its exception line
+    if len(text) > MAX_CHARS:
+        text = text[:MAX_CHARS] + " [...]"
     names = _names()
     if names:
         text = _INTERNAL_NAME.sub(lambda m: names.get(m.group(0), m.group(0)), text)

@@ -283,3 +283,14 @@ def test_the_triton_client_refuses_to_write_a_head_that_could_be_split(path: str
     with pytest.raises(InvalidRequest):
         client._head("POST", path, 0, headers)
     assert b"\r\n\r\n" in client._head("POST", "/v2/models/m/infer", 0, {"content-type": "application/json"})
+
+
+def test_redaction_is_bounded_and_keeps_a_long_traceback_s_exception_line() -> None:
+    from gateway import redact
+
+    echoed = "unexpected inference input '" + "n" * 8_000_000 + "' for model 'x'"
+    shown = redact.public(echoed)
+    assert len(shown) <= redact.MAX_CHARS + 10 and shown.endswith("[...]")
+    frames = "".join(f'  File "/srv/model.py", line {i}, in f\n    g()\n' for i in range(5_000))
+    text = "load failed: Traceback (most recent call last):\n" + frames + "ValueError: bad weights\n"
+    assert redact.public(text) == "load failed:\nValueError: bad weights"
