@@ -16,7 +16,7 @@ DEADLINE_EXCEEDED, DATA_LOSS or UNIMPLEMENTED, an answer within `ANSWER_BOUND_S`
 answer only for the model the message names (protobuf's last `model_name`), no observation of
 `mme_event_loop_lag_seconds` over 50 ms across the run, and the run within `DEADLINE_S`. The seed, the
 counts and a summary by status are printed; every failing case is listed with its class, size and answer.
-`MME_FUZZ_SEED` replays another seed.
+`FUZZ_SEED` replays another seed.
 """
 
 from __future__ import annotations
@@ -37,21 +37,20 @@ from typing import Any, Callable
 
 import grpc
 import numpy as np
-import pytest
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from tests.helpers import (GatewayProcess, exchange, http, http_bytes, late_ticks, loop_lag_buckets, polled,
                            v2_request)
 
-SEED = int(os.environ.get("MME_FUZZ_SEED", "1919"))
+SEED = int(os.environ.get("FUZZ_SEED", "1919"))
 RANDOM_CASES = 1200  # plus one full-size case per class (`FULL_SIZE_CASES`)
 BATCH = 16
 WORKERS = 4
 MIB = 1 << 20
 MAX_BODY = 8 * MIB
 FULL_SIZE = MAX_BODY - 8192  # what a generator aims at, below the cap by what a mutation may add
-# Sizes: most requests small, a few large, so the run stays near a minute on a 2-core machine.
+# Sizes: most requests small, a few large, so the run takes about half a minute on a 2-core machine.
 SIZE_CLASSES = ((0.88, 64, 4096), (0.09, 4096, MIB), (0.03, MIB, MAX_BODY))  # (share, smallest, largest)
 ANSWER_BOUND_S = 1.0  # issue 19: every refusal within a second
 DEADLINE_S = 90.0  # the whole run, the gateway's start excluded (it takes ~25 s when all is well)
@@ -665,7 +664,7 @@ def test_fuzzed_requests_are_answered_quickly_without_server_errors(s3_gateway: 
     plan: list[Callable[[random.Random], Case]] = [make for _, make in FULL_SIZE_CASES]
     plan += [random_case] * RANDOM_CASES
     random.Random(SEED).shuffle(plan)
-    header = (f"seed {SEED} (MME_FUZZ_SEED replays another): {RANDOM_CASES} random cases + {len(FULL_SIZE_CASES)} "
+    header = (f"seed {SEED} (FUZZ_SEED replays another): {RANDOM_CASES} random cases + {len(FULL_SIZE_CASES)} "
               f"at 8 MiB, sizes {SIZE_CLASSES}, batches of {BATCH} on {WORKERS} threads")
     print(header)
     done: list[Case] = []
