@@ -39,6 +39,8 @@ from tritonclient.grpc import service_pb2 as pb
 
 Buffer: TypeAlias = bytes | bytearray | memoryview  # a memoryview must be of bytes (format "B", one dimension)
 InferInput: TypeAlias = pb.ModelInferRequest.InferInputTensor  # one input's declaration, parsed by upb
+_OUTPUT = pb.ModelInferRequest.InferRequestedOutputTensor
+_PARAMETER = pb.ModelInferRequest.ParametersEntry
 
 # Tags (field number << 3 | 2, the length-delimited wire type) of the fields read here; each is one byte.
 # The loops that run on every message compare with the literals: a module global costs a lookup per field.
@@ -171,10 +173,11 @@ class RequestScan:
     """What one pass over a ModelInferRequest found: the strings the gateway reads, the inputs (parsed: they
     are small), the length of each raw input (never the bytes), and where `model_name` sits for `renamed`."""
 
-    __slots__ = ("model_name", "model_version", "id", "inputs", "raw_lengths", "name_spans")
+    __slots__ = ("model_name", "model_version", "id", "inputs", "raw_lengths", "name_spans", "outputs")
 
     def __init__(self, model_name: str, model_version: str, id: str, inputs: list[InferInput],
-                 raw_lengths: list[int], name_spans: list[int]) -> None:
+                 raw_lengths: list[int], name_spans: list[int], outputs: int = 0) -> None:
+        self.outputs = outputs  # how many requested outputs it names
         self.model_name = model_name
         self.model_version = model_version
         self.id = id
@@ -193,7 +196,7 @@ def scan_request(buf: Buffer, budget: int | None = None) -> RequestScan:
     inputs: list[InferInput] = []
     lengths: list[int] = []
     name = version = ident = ""
-    tag = count = cost = 0
+    tag = count = cost = outputs = 0
     try:
         for tag, start, pos, stop in fields(buf):
             count += 1
@@ -209,6 +212,13 @@ def scan_request(buf: Buffer, budget: int | None = None) -> RequestScan:
                     inputs.append(InferInput.FromString(buf[pos:stop]))
                 except DecodeError:
                     raise WireError(f"input {len(inputs)} is not an InferInputTensor") from None
+            elif tag == 0x32 or tag == 0x22:  # OUTPUTS, PARAMETERS: parsed (small) only to be refused here if
+                try:                            # malformed: Triton answered INTERNAL for what a client sent
+                    (_OUTPUT if tag == 0x32 else _PARAMETER).FromString(buf[pos:stop])
+                except DecodeError:
+                    raise WireError(f"field {tag >> 3} is not a valid "
+                                    f"{'InferRequestedOutputTensor' if tag == 0x32 else 'parameter'}") from None
+                outputs += tag == 0x32
             elif tag == 0x0A:  # MODEL_NAME
                 spans += (start, stop)
                 name = str(buf[pos:stop], "utf-8")
@@ -218,7 +228,7 @@ def scan_request(buf: Buffer, budget: int | None = None) -> RequestScan:
                 ident = str(buf[pos:stop], "utf-8")
     except UnicodeDecodeError as exc:
         raise WireError(f"field {tag >> 3} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    return RequestScan(name, version, ident, inputs, lengths, spans)
+    return RequestScan(name, version, ident, inputs, lengths, spans, outputs)
 
 
 # -- editing ------------------------------------------------------------------------------------------------

@@ -41,6 +41,15 @@ MAX_DIMS = 32  # dimensions of one tensor; models take a handful, and Triton's o
 MAX_DIM = (1 << 63) - 1  # Triton reads each dimension as an int64
 SHOWN = 80  # characters of client text (names, datatypes, shapes) quoted back in an error message
 _LENGTH = re.compile(r"[0-9]{1,19}")  # ASCII digits only: str.isdigit() takes '²', which int() refuses
+MAX_TENSORS = 1024  # inputs, or outputs, of one request: Triton crashed (SIGSEGV) on 80,000 inputs
+MAX_NAME = 1024  # characters of a tensor's name or a request's id: Triton quotes names whole in its errors
+_INT_RANGES = {"INT8": (-(1 << 7), (1 << 7) - 1), "INT16": (-(1 << 15), (1 << 15) - 1),
+               "INT32": (-(1 << 31), (1 << 31) - 1), "INT64": (-(1 << 63), (1 << 63) - 1), "UINT8": (0, (1 << 8) - 1),
+               "UINT16": (0, (1 << 16) - 1), "UINT32": (0, (1 << 32) - 1), "UINT64": (0, (1 << 64) - 1)}
+_FLOATS = ("FP16", "BF16", "FP32", "FP64")
+# Parameters Triton reads with a type of its own; any other parameter is a string, a boolean or a number.
+_UINT_PARAMETERS = frozenset(("priority", "timeout", "classification", "binary_data_size"))
+_BOOL_PARAMETERS = frozenset(("binary_data_output", "binary_data"))
 
 
 def shown(value: Any) -> str:
@@ -85,18 +94,81 @@ def inflate(key: str, body: bytes, encoding: str, cap: int) -> bytes:
     return out
 
 
-def _count(data: Any) -> int:
-    """Scalars in a (possibly nested) JSON array, without recursion."""
+def _scalars(data: Any) -> list[Any]:
+    """The scalars of a (possibly nested) JSON array in row-major order, without recursion."""
     if not isinstance(data, list):
-        return 1
-    total, stack = 0, [data]
+        return [data]
+    if not any(isinstance(item, list) for item in data):
+        return data
+    flat: list[Any] = []
+    stack = [iter(data)]
     while stack:
-        for item in stack.pop():
+        for item in stack[-1]:
             if isinstance(item, list):
-                stack.append(item)
-            else:
-                total += 1
-    return total
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+def _check_data(key: str, name: str, datatype: str, data: Any, count: int) -> None:
+    """`data` holds `count` scalars of `datatype`'s JSON type, in its range: what Triton's parser takes (it
+    answered a 500 for a string in FP32 data, 1E400 or an INT8 of 1000). Type checks run in C (map, set, min)."""
+    flat = _scalars(data)
+    if len(flat) != count:
+        raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)} declares {count} elements but its data "
+                             f"holds {len(flat)}")
+    if not flat:
+        return
+    types = set(map(type, flat))
+    if datatype == BYTES:
+        ok = types <= {str}
+    elif datatype == "BOOL":
+        ok = types <= {bool}
+    elif datatype in _FLOATS:
+        ok = types <= {int, float} and (float not in types or all(map(math.isfinite, flat)))
+        ok = ok and (int not in types or max(map(abs, flat)) < 1 << 64)
+    else:
+        low, high = _INT_RANGES[datatype]
+        ok = types <= {int} and low <= min(flat) and max(flat) <= high
+    if not ok:
+        raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)}: its data must be {_JSON_TYPE[datatype]} "
+                             f"(datatype {datatype})")
+
+
+_JSON_TYPE = {BYTES: "strings", "BOOL": "true or false", **{t: "finite numbers" for t in _FLOATS},
+              **{t: f"integers from {low} to {high}" for t, (low, high) in _INT_RANGES.items()}}
+
+
+def _check_parameters(key: str, where: str, parameters: Any) -> dict[str, Any]:
+    """A `parameters` object: values Triton can read (its own names with their types; others scalars)."""
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise InvalidRequest(f"TargetModel {key!r}: {where}: \"parameters\" must be an object")
+    if any(p in parameters for p in _SHARED_MEMORY):
+        raise InvalidRequest(f"TargetModel {key!r}: {where}: shared memory is not available through the gateway")
+    for name, value in parameters.items():
+        if name in _UINT_PARAMETERS:
+            ok = type(value) is int and 0 <= value < 1 << 64
+        elif name in _BOOL_PARAMETERS:
+            ok = type(value) is bool
+        else:
+            ok = type(value) in (str, bool, int) or (type(value) is float and math.isfinite(value))
+            ok = ok and (type(value) is not int or -(1 << 63) <= value < 1 << 64)
+        if not ok:
+            raise InvalidRequest(f"TargetModel {key!r}: {where}: parameter {shown(name)} has value {shown(value)}, "
+                                 "which Triton cannot read")
+    return parameters
+
+
+def _check_name(key: str, what: str, name: Any) -> str:
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME:
+        raise InvalidRequest(f"TargetModel {key!r}: every {what} needs a \"name\", a string of 1 to {MAX_NAME} "
+                             f"characters (got {shown(name)})")
+    return name
 
 
 def elements(key: str, name: str, shape: Any) -> int:
@@ -137,9 +209,21 @@ def _parse_header(key: str, text: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"TargetModel {key!r}: the request is not valid JSON ({shown(str(exc))})") from None
     if not isinstance(request, dict):
         raise InvalidRequest(f"TargetModel {key!r}: the request must be a JSON object with \"inputs\"")
-    inputs = request.get("inputs")
+    inputs, outputs = request.get("inputs"), request.get("outputs", [])
     if not isinstance(inputs, list) or not inputs or not all(isinstance(i, dict) for i in inputs):
         raise InvalidRequest(f"TargetModel {key!r}: \"inputs\" must be a non-empty list of input objects")
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise InvalidRequest(f"TargetModel {key!r}: \"outputs\" must be a list of output objects")
+    if len(inputs) > MAX_TENSORS or len(outputs) > MAX_TENSORS:
+        raise InvalidRequest(f"TargetModel {key!r}: a request may name at most {MAX_TENSORS} inputs and "
+                             f"{MAX_TENSORS} outputs (it names {len(inputs)} and {len(outputs)})")
+    ident = request.get("id", "")
+    if not isinstance(ident, str) or len(ident) > MAX_NAME:
+        raise InvalidRequest(f"TargetModel {key!r}: \"id\" must be a string of at most {MAX_NAME} characters")
+    _check_parameters(key, "the request", request.get("parameters"))
+    for output in outputs:
+        name = _check_name(key, "output", output.get("name"))
+        _check_parameters(key, f"output {shown(name)}", output.get("parameters"))
     return request
 
 
@@ -201,21 +285,14 @@ def check_header(key: str, header: bytes, binary_length: int, cap: int) -> None:
     request = _parse_header(key, header)
     binary_total, declared_total = 0, 0
     for tensor in request["inputs"]:
-        name = tensor.get("name")
-        if not isinstance(name, str) or not name:
-            raise InvalidRequest(f"TargetModel {key!r}: every input needs a \"name\" (a non-empty string)")
+        name = _check_name(key, "input", tensor.get("name"))
         count = elements(key, name, tensor.get("shape"))
         size = declared_bytes(key, name, tensor.get("datatype"), count)
         declared_total += size
         if declared_total > cap:
             raise RequestTooLarge(f"TargetModel {key!r}: the inputs declare more than the gateway's limit of {cap} "
                                   f"bytes (input {shown(name)}: shape {shown(tensor['shape'])})")
-        parameters = tensor.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)}: \"parameters\" must be an object")
-        if any(p in parameters for p in _SHARED_MEMORY):
-            raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)}: shared memory is not available through "
-                                 "the gateway")
+        parameters = _check_parameters(key, f"input {shown(name)}", tensor.get("parameters"))
         binary = parameters.get("binary_data_size")
         if binary is not None:
             exact = tensor["datatype"] != BYTES
@@ -225,10 +302,7 @@ def check_header(key: str, header: bytes, binary_length: int, cap: int) -> None:
                                      f"not match shape {tensor['shape']} of {tensor['datatype']} ({size} bytes)")
             binary_total += binary
         elif "data" in tensor:
-            found = _count(tensor["data"])
-            if found != count:
-                raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)} declares shape {tensor['shape']} "
-                                     f"({count} elements) but its data holds {found}")
+            _check_data(key, name, tensor["datatype"], tensor["data"], count)
         else:
             raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)} has neither \"data\" nor binary data")
     if binary_total != binary_length:
@@ -256,12 +330,17 @@ def check_grpc_request(request: RequestScan, cap: int) -> None:
     inputs = request.inputs
     if not inputs:
         raise InvalidRequest(f"TargetModel {key!r}: the request has no inputs")
+    if len(inputs) > MAX_TENSORS or request.outputs > MAX_TENSORS:
+        raise InvalidRequest(f"TargetModel {key!r}: a request may name at most {MAX_TENSORS} inputs and "
+                             f"{MAX_TENSORS} outputs (it names {len(inputs)} and {request.outputs})")
+    if len(request.id) > MAX_NAME:
+        raise InvalidRequest(f"TargetModel {key!r}: the request's id is longer than {MAX_NAME} characters")
     raw = request.raw_lengths
     if raw and len(raw) != len(inputs):
         raise InvalidRequest(f"TargetModel {key!r}: {len(raw)} raw_input_contents for {len(inputs)} inputs")
     declared_total = 0
     for position, tensor in enumerate(inputs):
-        name, datatype = tensor.name, tensor.datatype
+        name, datatype = _check_name(key, "input", tensor.name), tensor.datatype
         if len(tensor.shape) > MAX_DIMS:  # counted before it is copied: it may hold millions
             raise InvalidRequest(f"TargetModel {key!r}: input {shown(name)} has a shape of {len(tensor.shape)} "
                                  f"dimensions; the gateway takes at most {MAX_DIMS}")

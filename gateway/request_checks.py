@@ -10,7 +10,8 @@ in a worker process, and the loop only copies the bytes to it. Compressed bodies
 hop.
 
 The workers start with the gateway (`spawn`: a clean interpreter that imports only the checks), one per two
-cores, at least two and at most four. A worker that dies (its memory, a signal) is replaced and the request that was in
+cores, at least two and at most four, at a lower CPU priority than the gateway (nice 10), so that a flood of
+big requests slows their own checks, not the loop that serves everything else. A worker that dies (its memory, a signal) is replaced and the request that was in
 it is refused with 503 "retry": what killed it is not trusted to run here.
 """
 
@@ -32,6 +33,7 @@ from gateway.triton.http import Body
 log = logging.getLogger(__name__)
 
 INLINE_BYTES = 64 << 10  # parsed in place up to this size: a few milliseconds at worst
+_NICE = 10  # the workers yield the CPU to the event loop (and to Triton): on 2 cores they competed with it
 
 
 def malformed(exc: WireError) -> InvalidRequest:
@@ -73,7 +75,8 @@ class RequestChecker:
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=os.nice, initargs=(_NICE,))
         return self._pool
 
     async def http(self, key: str, body: Body, headers: Mapping[str, str]) -> tuple[Body, dict[str, str]]:

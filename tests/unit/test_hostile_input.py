@@ -88,8 +88,56 @@ def test_a_key_twice_in_any_object_is_refused(body: bytes) -> None:
 
 
 def test_the_same_request_without_the_repeat_passes() -> None:
-    body = b'{"inputs":[{"name":"f","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}],"parameters":{"x":{"y":1}}}'
+    body = b'{"inputs":[{"name":"f","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}],"parameters":{"x":1}}'
     assert check_http_request("m", body, {}, CAP)[0] == body
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"datatype": "FP32", "data": ["1", 2, 3, 4, 5, 6]}, "finite numbers"),
+    ({"datatype": "INT8", "data": [1, 2, 3, 4, 5, 1000]}, "integers from -128 to 127"),
+    ({"datatype": "INT32", "data": [1, 2, 3, 4, 5, 1.5]}, "integers"),
+    ({"datatype": "UINT8", "data": [1, 2, 3, 4, 5, -1]}, "integers from 0"),
+    ({"datatype": "BOOL", "data": [True, False, 1, 0, True, True]}, "true or false"),
+    ({"datatype": "BYTES", "data": ["a", "b", "c", "d", "e", 6]}, "strings"),
+    ({"data": [[1, 2, 3], [4, 5, 1e400]]}, "finite numbers"),
+    ({"data": [1, 2, 3, 4, 5]}, "declares 6 elements but its data holds 5"),
+    ({"name": "n" * 1025}, "1 to 1024 characters"),
+    ({"parameters": {"binary_data_size": -1}}, "binary_data_size"),
+    ({"parameters": {"x": {"nested": 1}}}, "parameter 'x'"),
+])
+def test_data_and_parameters_are_what_triton_s_parser_takes(change: dict[str, Any], why: str) -> None:
+    err = refusal(json.dumps(request(**change)).encode())
+    assert isinstance(err, InvalidRequest) and why in err.message
+
+
+@pytest.mark.parametrize("top, why", [
+    ({"id": 12}, "\"id\" must be a string"),
+    ({"id": "i" * 1025}, "\"id\" must be a string"),
+    ({"parameters": {"priority": -1}}, "parameter 'priority'"),
+    ({"parameters": {"timeout": "1"}}, "parameter 'timeout'"),
+    ({"parameters": {"binary_data_output": 1}}, "parameter 'binary_data_output'"),
+    ({"outputs": [{"name": "price", "parameters": {"binary_data": "yes"}}]}, "parameter 'binary_data'"),
+    ({"outputs": [{"name": "price", "parameters": {"classification": -2}}]}, "parameter 'classification'"),
+    ({"outputs": [{"name": "price", "parameters": {"shared_memory_region": "r"}}]}, "shared memory"),
+    ({"outputs": [{"name": 5}]}, "every output needs"),
+    ({"outputs": {"name": "price"}}, "must be a list"),
+    ({"inputs": [request()["inputs"][0]] * 1025}, "at most 1024 inputs"),
+])
+def test_the_rest_of_the_request_is_what_triton_s_parser_takes(top: dict[str, Any], why: str) -> None:
+    err = refusal(json.dumps({**request(), **top}).encode())
+    assert isinstance(err, InvalidRequest) and why in err.message
+
+
+def test_a_request_with_every_field_triton_reads_passes() -> None:
+    body = json.dumps({"id": "r-1", "parameters": {"priority": 1, "timeout": 100, "binary_data_output": True,
+                                                    "custom": "x", "ratio": 0.5},
+                       "inputs": [{"name": "features", "shape": [2, 3], "datatype": "FP32",
+                                   "data": [[1, 2.5, 3], [4, 5, 6]], "parameters": {"note": "n"}},
+                                  {"name": "flags", "shape": [2], "datatype": "BOOL", "data": [True, False]},
+                                  {"name": "ids", "shape": [2], "datatype": "UINT64", "data": [0, 2 ** 64 - 1]},
+                                  {"name": "words", "shape": [1], "datatype": "BYTES", "data": ["hello"]}],
+                       "outputs": [{"name": "price", "parameters": {"binary_data": False, "classification": 2}}]})
+    assert check_http_request("m", body.encode(), {}, CAP)[0] == body.encode()
 
 
 @pytest.mark.parametrize("body", [b"[" * 200_000 + b"]" * 200_000,
