@@ -7,12 +7,13 @@ and timer meanwhile. Threads would not help, because the parsers hold the GIL; s
 a few milliseconds (a JSON header over `INLINE_BYTES`, a gRPC message whose parsed part is over it) is parsed
 in a worker process, and the loop only copies the bytes to it. Compressed bodies are inflated on a thread
 (zlib lets go of the GIL). Small requests, nearly all of them, are checked in place as before: no copy, no
-hop.
+hop. The same workers write large CSV answers (`offload`), which is Python work per value too.
 
 The workers start with the gateway (`spawn`: a clean interpreter that imports only the checks), one per two
 cores, at least two and at most four, at a lower CPU priority than the gateway (nice 10), so that a flood of
-big requests slows their own checks, not the loop that serves everything else. A worker that dies (its memory, a signal) is replaced and the request that was in
-it is refused with 503 "retry": what killed it is not trusted to run here.
+big requests slows their own checks, not the loop that serves everything else. A worker that dies (its
+memory, a signal) is replaced and the request that was in it is refused with 503 "retry": what killed it is
+not trusted to run here.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import asyncio
 import logging
 import multiprocessing
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -32,6 +34,7 @@ from gateway.triton.http import Body
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 INLINE_BYTES = 64 << 10  # parsed in place up to this size: a few milliseconds at worst
 _NICE = 10  # the workers yield the CPU to the event loop (and to Triton): on 2 cores they competed with it
 
@@ -103,6 +106,13 @@ class RequestChecker:
             raise malformed(exc) from None
         checked(scan, self.cap)
         return scan
+
+    async def offload(self, fn: Callable[[bytes], T], data: bytes) -> T:
+        """`fn(data)` for other pure work on a request's or an answer's bytes (a CSV answer written): in place
+        when `data` is small, in a worker when it is over `INLINE_BYTES`."""
+        if len(data) <= INLINE_BYTES:
+            return fn(data)
+        return await self._run(fn, data)
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         pool = self._executor()

@@ -183,6 +183,18 @@ def encode_request(spec: CsvInput, rows: np.ndarray) -> tuple[bytes, dict[str, s
     return head + data, headers
 
 
+def csv_answer(body: bytes) -> bytes:
+    """Triton's KServe v2 JSON answer, as bytes, written as CSV (`encode_answer`): a plain function of bytes, so
+    a large answer can be written in another process."""
+    try:
+        answer = json.loads(body)
+    except ValueError as exc:
+        raise CsvError(f"the model's answer is not JSON ({exc})") from None
+    if not isinstance(answer, dict):
+        raise CsvError("the model's answer is not a JSON object")
+    return encode_answer(answer)
+
+
 def encode_answer(answer: Mapping[str, Any]) -> bytes:
     """A KServe v2 JSON answer -> CSV: one line per row, the outputs' values concatenated."""
     outputs: Sequence[Mapping[str, Any]] = answer.get("outputs") or []

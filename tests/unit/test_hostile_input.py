@@ -342,3 +342,23 @@ def test_redaction_is_bounded_and_keeps_a_long_traceback_s_exception_line() -> N
     frames = "".join(f'  File "/srv/model.py", line {i}, in f\n    g()\n' for i in range(5_000))
     text = "load failed: Traceback (most recent call last):\n" + frames + "ValueError: bad weights\n"
     assert redact.public(text) == "load failed:\nValueError: bad weights"
+
+
+def test_a_large_csv_answer_is_written_in_a_worker_the_same_as_in_place() -> None:
+    from gateway.api.csv_codec import csv_answer
+
+    prices = [float(i) + 0.5 for i in range(20_000)]
+    answer = json.dumps({"outputs": [{"name": "price", "datatype": "FP32", "shape": [20_000, 1],
+                                      "data": prices}]}).encode()
+    assert len(answer) > INLINE_BYTES
+
+    async def main() -> bytes:
+        checker = RequestChecker(CAP, workers=1)
+        try:
+            with pytest.raises(CsvError):
+                await checker.offload(csv_answer, b"[" + b" " * INLINE_BYTES + b"]")
+            return await checker.offload(csv_answer, answer)
+        finally:
+            checker.close()
+    assert asyncio.run(main()) == csv_answer(answer)
+    assert csv_answer(answer).splitlines()[:2] == [b"0.5", b"1.5"]
