@@ -30,6 +30,7 @@ from concurrent.futures.process import BrokenProcessPool
 from gateway.errors import GatewayError, InvalidRequest, RequestCheckFailed
 from gateway.grpc_wire import OverBudget, RequestScan, WireError, scan_request
 from gateway.infer_limits import check_grpc_request, check_header, inflate, split_http_request
+from gateway.isolation import make_undumpable
 from gateway.triton.http import Body
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 INLINE_BYTES = 64 << 10  # parsed in place up to this size: a few milliseconds at worst
 _NICE = 10  # the workers yield the CPU to the event loop (and to Triton): on 2 cores they competed with it
+
+
+def _worker_start() -> None:
+    """In each worker: yield the CPU to the loop, and be as unreadable to model code as the gateway is (a spawned
+    worker starts with the gateway's environment, which a dumpable process would show in /proc)."""
+    os.nice(_NICE)
+    make_undumpable()
 
 
 def malformed(exc: WireError) -> InvalidRequest:
@@ -79,17 +87,18 @@ class RequestChecker:
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=os.nice, initargs=(_NICE,))
+                                             initializer=_worker_start)
         return self._pool
 
     async def http(self, key: str, body: Body, headers: Mapping[str, str]) -> tuple[Body, dict[str, str]]:
         """A KServe v2 HTTP infer body checked: the body and headers to forward, or the error."""
-        encoding = next((v for k, v in headers.items() if k.lower() == "content-encoding"), None)
+        lowered = {k.lower(): v for k, v in headers.items()}
+        encoding = lowered.get("content-encoding")
         if encoding and encoding.strip().lower() != "identity":
             joined = body if isinstance(body, bytes) else b"".join(body)
             body = await asyncio.to_thread(inflate, key, joined, encoding, self.cap)
-            headers = {k: v for k, v in headers.items() if k.lower() != "content-encoding"}
-        parts = split_http_request(key, body, headers, self.cap)
+            del lowered["content-encoding"]
+        parts = split_http_request(key, body, lowered, self.cap)
         if len(parts.header) <= INLINE_BYTES:
             check_header(key, parts.header, parts.binary_length, self.cap)
         else:

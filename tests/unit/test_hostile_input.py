@@ -362,3 +362,15 @@ def test_a_large_csv_answer_is_written_in_a_worker_the_same_as_in_place() -> Non
             checker.close()
     assert asyncio.run(main()) == csv_answer(answer)
     assert csv_answer(answer).splitlines()[:2] == [b"0.5", b"1.5"]
+
+
+def test_check_workers_are_as_unreadable_as_the_gateway() -> None:
+    from gateway.isolation import is_dumpable
+
+    async def main() -> bool | None:
+        checker = RequestChecker(CAP, workers=1)
+        try:
+            return await checker._run(is_dumpable)
+        finally:
+            checker.close()
+    assert asyncio.run(main()) is False  # a spawned worker starts with the gateway's environment
