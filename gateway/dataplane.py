@@ -339,18 +339,12 @@ class DataPlane:
         self.manager.lost([rec])
         raise ModelNotReady(f"model {key!r} is being loaded again (Triton lost it); retry shortly")
 
-    async def checked_body(self, key: str, body: Body, headers: Mapping[str, str]) -> tuple[Body, dict[str, str]]:
-        """A KServe v2 HTTP infer body and the headers to forward with it, once its declared tensors are
-        consistent and within the cap (see `gateway.infer_limits`, `gateway.request_checks`); before any model
-        is loaded for it."""
-        return await self.checks.http(key, body, headers)
-
     async def infer(self, key: str, body: Body, headers: Mapping[str, str], protocol: str,
                     version: str | None = None) -> Forwarded:
         """KServe v2 HTTP inference: the body reaches Triton as sent (inflated if it was compressed).
         `serving` without its generator layer: this is nearly every request."""
         with Outcome(self.metrics, protocol) as outcome:
-            body, headers = await self.checked_body(key, body, headers)
+            body, headers = await self.checks.http(key, body, headers)  # before any model is loaded for it
             if version is not None:
                 model_path("", version)  # refused before a model is loaded for it
             async with self.holding(key) as rec:

@@ -252,10 +252,10 @@ class HttpParts:
 
 def split_http_request(key: str, body: Body, headers: Mapping[str, str], cap: int) -> HttpParts:
     """The body to forward and the headers to forward with it (inflated: no Content-Encoding), with its JSON
-    header and the byte count after it, for `check_header`. A body may come as the parts it arrived in: only
-    its JSON header is copied out, and the tensor bytes after it are forwarded as they came, never joined.
-    Cheap but for inflating a compressed body (see `gateway.request_checks` for doing that off the loop)."""
-    headers = {k.lower(): v for k, v in headers.items()}
+    header and the byte count after it, for `check_header`; `headers` have lower-case names. A body may come as
+    the parts it arrived in: only its JSON header is copied out, and the tensor bytes after it are forwarded as
+    they came, never joined. Cheap but for inflating a compressed body (see `gateway.request_checks` for doing
+    that off the loop)."""
     # No Accept-Encoding: a compressed answer could not have Triton's internal name taken out of it.
     fwd = {k: v for k, v in headers.items() if k in ("content-type", _HEADER_LENGTH)}
     parts: Sequence[bytes] = (body,) if isinstance(body, bytes) else body or (b"",)
@@ -312,7 +312,7 @@ def check_header(key: str, header: bytes, binary_length: int, cap: int) -> None:
 
 def check_http_request(key: str, body: Body, headers: Mapping[str, str], cap: int) -> tuple[Body, dict[str, str]]:
     """`split_http_request` and `check_header` in one call, on this thread: the body and headers to forward."""
-    parts = split_http_request(key, body, headers, cap)
+    parts = split_http_request(key, body, {k.lower(): v for k, v in headers.items()}, cap)
     check_header(key, parts.header, parts.binary_length, cap)
     return parts.body, parts.forward
 

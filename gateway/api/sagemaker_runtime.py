@@ -284,7 +284,7 @@ class Invoker:
                 for name in ("inference-header-content-length", "content-encoding"):
                     if name in request_headers and name not in {h.lower() for h in headers}:
                         headers[name] = request_headers[name]
-                body, headers = await self.dp.checked_body(key, body, headers)
+                body, headers = await self.dp.checks.http(key, body, headers)
         except GatewayError as exc:
             self.dp.metrics.count_request(protocol, exc.status)
             raise
