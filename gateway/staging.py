@@ -122,22 +122,29 @@ class StagingArea:
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()
         self._lock = threading.Lock()  # staging runs in worker threads; sizes are shared with the loop
-        self._sizes: dict[str, int] = {}
-        self._sweep()
-        self._sizes = {a.triton_name: a.disk_bytes for a in self.all_staged()}
+        self._sizes: dict[str, int] = {}  # `remove` keeps it in step, the sweep's deletions included
+        self._sizes = {a.triton_name: a.disk_bytes for a in self._sweep()}
 
-    def _sweep(self) -> None:
-        """Delete what no current metadata accounts for (see the module's docstring); a later request for the
-        key stages it again under its current name (the footprint ledger is keyed by ETag, so its
-        measurements still apply)."""
+    def _sweep(self) -> list[StagedArtifact]:
+        """Delete what no current metadata accounts for (see the module's docstring) and return what is kept,
+        each metadata file read once; a later request for a deleted key stages it again under its current name
+        (the footprint ledger is keyed by ETag, so its measurements still apply)."""
         for tmp in self.meta.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
         found = {p.stem for p in self.meta.glob("*.json")} | {p.name for p in self.repo.iterdir()}
-        stale = sorted(name for name in found if self.staged(name) is None)
+        kept: list[StagedArtifact] = []
+        stale: list[str] = []
+        for name in sorted(found):
+            artifact = self.staged(name)
+            if artifact is None:
+                stale.append(name)
+            else:
+                kept.append(artifact)
         for name in stale:
             self.remove(name)
         if stale:
             log.warning("staging.stale_removed", extra={"triton_names": stale})
+        return kept
 
     # -- what is on disk -------------------------------------------------------------------------------
 
